@@ -1,0 +1,139 @@
+"""The block-sparse attention kernel: INT8 Q.K^T, online softmax in fp32 (exp2 domain), stage-2 P.V
+skip, P.V in FP8 e4m3 (or fp16), fp32 accumulation.
+
+One program computes ``BM`` query rows of one head (``BLOCK_Q // BM`` programs share a Q block and its
+LUT row). It walks only the kept K blocks, first the ``CNT_FULL`` blocks that need no element mask,
+then the rest (key tail, causal diagonal) with masks. Per K block ``j``::
+
+    c   = qs_row * ks_j                                # qs folds sm_scale*log2(e): s is in log2 units
+    s   = int32(q8 @ k8_j^T) * c                       # (never formed: c > 0, so rowmax(s) = c*rowmax)
+    m'  = max(m, rowmax(s))
+    skip P.V if max_rows(rowmax(s) - m) <= -pv_threshold           (stage 2, optional)
+    p   = exp2(qk * c - (m' - log2(448)))              # one FMA; P in [0, 448], the FP8 e4m3 range
+    l   = l * exp2(m - m') + rowsum(p)
+    acc = acc * exp2(m - m') + fp8(p) @ v8_j          # v8 = V / (amax_c/448), per channel c
+
+and at the end ``out = acc / l * v_scale``. When a block is skipped nothing changes (its row maxima
+are below the running maxima, so ``m' = m``) and the skip is counted. A block whose K scale is NaN
+(non-finite K) is never skipped, so the NaN reaches every row, as it does in dense attention.
+"""
+
+import triton
+import triton.language as tl
+
+from .quant import _to_fp8
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _block(
+    acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
+    k_base, ks_base, v_base, Nk, N_PAD, pv_thr, p_offset,
+    BN: tl.constexpr, DP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, ACC_IN_DOT: tl.constexpr,
+):
+    kn = j * BN + offs_n
+    k = tl.load(k_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
+    if FP8:
+        v = tl.load(v_base + offs_d[None, :].to(tl.int64) * N_PAD + kn[:, None])
+    else:
+        v = tl.load(v_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
+    # c > 0 per row, so the row maximum of s = qk * c is c * max(qk): one FMA per element below.
+    ks = tl.load(ks_base + j)
+    c = qs * ks
+    qk = tl.dot(q, tl.trans(k)).to(tl.float32)
+    if MASKED:
+        vis = kn[None, :] < Nk
+        if CAUSAL:
+            vis = vis & (kn[None, :] <= offs_m[:, None])
+        qk = tl.where(vis, qk, NEG_INF)
+    m_loc = tl.max(qk, 1) * c
+    m_new = tl.maximum(m_i, m_loc)
+    if PV_SKIP:
+        diff = tl.where(m_loc == NEG_INF, NEG_INF, m_loc - m_i)
+        diff = tl.where(row_valid, diff, NEG_INF)
+        skip = (tl.max(diff, 0) <= -pv_thr) & (ks == ks)
+    else:
+        skip = False
+    if skip:
+        n_skip += 1
+    else:
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk * c[:, None] - (m_use - p_offset)[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8:
+            p = _to_fp8(p, INTERPRET)
+        else:
+            p = p.to(tl.float16)
+        if ACC_IN_DOT:
+            acc = tl.dot(p, v, acc * alpha[:, None])
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+    return acc, l_i, m_i, n_skip
+
+
+@triton.jit
+def _attn_kernel(
+    Q8, QS, K8, KS, V8, VS, LUT, CNT, CNT_FULL, SKIP,
+    O, osb, osh, osn, osd,
+    H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, pv_thr, p_offset,
+    BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
+    CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    ACC_IN_DOT: tl.constexpr, CLAMP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    SUB: tl.constexpr = BQ // BM
+    i = pid_m // SUB
+    b = bh // H
+    h = bh % H
+    bhk = (b * (H // G) + h // G).to(tl.int64)
+    bh64 = bh.to(tl.int64)
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, DP)
+    row_valid = offs_m < Nq
+    q = tl.load(Q8 + (bh64 * NQ_PAD + offs_m[:, None]) * DP + offs_d[None, :])
+    qs = tl.load(QS + bh64 * NQ_PAD + offs_m)
+    row = bh64 * NQB + i
+    n_all = tl.load(CNT + row)
+    n_full = tl.load(CNT_FULL + row)
+    lut = LUT + row * NKB
+    k_base = K8 + bhk * NK_PAD * DP
+    ks_base = KS + bhk * NKB
+    v_base = V8 + bhk * NK_PAD * DP
+
+    m_i = tl.full([BM], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, DP], dtype=tl.float32)
+    n_skip = tl.zeros([], dtype=tl.int32)
+    for it in range(0, n_full):
+        j = tl.load(lut + it)
+        acc, l_i, m_i, n_skip = _block(
+            acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
+            k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,
+            BN, DP, False, CAUSAL, PV_SKIP, FP8, INTERPRET, ACC_IN_DOT,
+        )
+    for it in range(n_full, n_all):
+        j = tl.load(lut + it)
+        acc, l_i, m_i, n_skip = _block(
+            acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
+            k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,
+            BN, DP, True, CAUSAL, PV_SKIP, FP8, INTERPRET, ACC_IN_DOT,
+        )
+    if PV_SKIP:
+        tl.store(SKIP + bh64 * (NQB * SUB) + pid_m, n_skip)
+
+    vs = tl.load(VS + bhk * DP + offs_d)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None] * vs[None, :]
+    if CLAMP:
+        # fp16 output: P's FP8/fp16 rounding can lift |out| a few % above max|v| (<= 65504); saturate
+        # instead of overflowing to inf. NaN fails the comparison and stays NaN.
+        out = tl.where(tl.abs(out) > 65504.0, tl.where(out > 0, 65504.0, -65504.0), out)
+    optr = O + b.to(tl.int64) * osb + h.to(tl.int64) * osh + offs_m.to(tl.int64)[:, None] * osn + offs_d[None, :] * osd
+    tl.store(optr, out.to(O.dtype.element_ty), mask=row_valid[:, None] & (offs_d[None, :] < D))

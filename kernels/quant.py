@@ -1,0 +1,202 @@
+"""Stage 1, part 1: one fused pass over Q and one over K, plus the V preparation.
+
+* :func:`_colstats_kernel` reads K and V once in chunks of tokens and writes per-chunk column sums
+  of K (for the token mean used to smooth K) and per-chunk column |max| of V (for the per-channel
+  V scale). The consumers reduce the few chunk rows themselves, so no extra launch is needed.
+* :func:`_qk_prep_kernel` handles one block of Q (``BLOCK_Q`` rows) or of K (``BLOCK_K`` rows):
+  mean token (pool), self-similarity (mean pairwise cosine, computed as ``|sum_i x_i/|x_i||^2/n^2``)
+  and INT8 quantization. Q gets one scale per token with ``sm_scale*log2(e)`` folded in (scales are
+  floored at 1e-18 so that they stay positive); K is
+  centred by its token mean and gets one scale per block.
+* :func:`_v_prep_kernel` divides V by its per-channel scale ``amax/448`` and casts it to FP8 e4m3
+  stored transposed (D, N) for the FP8 dot, or to fp16 stored (N, D).
+
+A non-finite input value turns the scale of its group (Q token, K block, V channel) into NaN and the
+block's self-similarity into NaN, so that it cannot disappear silently (see ``api.sparge_attn``).
+All buffers written here are padded (tokens to whole blocks, channels to ``DP``) and fully written,
+padding included, so the attention kernel loads them without masks.
+"""
+
+import triton
+import triton.language as tl
+
+INF = tl.constexpr(float("inf"))
+#: Floor of the stored Q/K scales: an all-zero group keeps a positive scale (and q_scale * k_scale
+#: stays a normal fp32), so that the attention kernel's ``-inf * scale`` stays ``-inf`` for masked
+#: keys. The group's int8 values are 0 anyway.
+TINY = tl.constexpr(1e-18)
+
+
+@triton.jit
+def _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D):
+    """fp32 tile x[b, h, rows, cols] of a strided (B, H, N, D) tensor; zero outside N x D."""
+    base = X + b.to(tl.int64) * sb + h.to(tl.int64) * sh
+    ptrs = base + rows.to(tl.int64)[:, None] * sn + cols[None, :] * sd
+    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _abs_nonfinite_inf(x):
+    """|x| with NaN and +-inf mapped to +inf (the marker for 'non-finite')."""
+    a = tl.abs(x)
+    return tl.where(a == a, a, INF)
+
+
+@triton.jit
+def _colstats_kernel(
+    K, ksb, ksh, ksn, ksd,
+    V, vsb, vsh, vsn, vsd,
+    KSUM, VMAX,
+    HK, N, D, rows_per_chunk, NCHUNK,
+    DP: tl.constexpr, R: tl.constexpr,
+):
+    """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's tokens."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // HK
+    hk = bh % HK
+    cols = tl.arange(0, DP)
+    ksum = tl.zeros([DP], dtype=tl.float32)
+    vmax = tl.zeros([DP], dtype=tl.float32)
+    for t in range(0, rows_per_chunk // R):
+        rows = c * rows_per_chunk + t * R + tl.arange(0, R)
+        kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D)
+        vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D)
+        ksum += tl.sum(kx, 0)
+        vmax = tl.maximum(vmax, tl.max(_abs_nonfinite_inf(vx), 0))
+    out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
+    tl.store(KSUM + out, ksum)
+    tl.store(VMAX + out, vmax)
+
+
+@triton.jit
+def _fp8_exact(x):
+    """Round x to the nearest FP8 e4m3 value (ties to even, saturating at 448), in fp32 arithmetic.
+
+    Used only under the Triton interpreter, whose float8e4nv cast mis-rounds values just below a
+    power of two and flushes subnormals; the cast of an exactly representable value is right there.
+    """
+    a = tl.abs(x)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    spacing = tl.exp2((tl.maximum(e, -6) - 3).to(tl.float32))
+    y = a / spacing
+    r = tl.floor(y + 0.5)
+    r = tl.where((r - y == 0.5) & (r % 2 == 1), r - 1, r)
+    r = tl.minimum(r * spacing, 448.0)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _to_fp8(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        x = _fp8_exact(x)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _round_half_away(x):
+    return tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
+
+
+@triton.jit
+def _qk_prep_kernel(
+    X, sb, sh, sn, sd,
+    KSUM, X8, XS, POOL, SIM,
+    HX, N, D, N_PAD, NB, mult, NCHUNK,
+    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
+    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr,
+):
+    """Pool, self-similarity and INT8 quantization of block ``program_id(0)`` of head ``program_id(1)``.
+
+    Writes ``X8[bh, rows, :DP]`` (int8, padded rows and channels are 0), the scale ``XS`` (per token
+    ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
+    and ``SIM[bh, blk]``. With CENTER the token mean (from the ``KSUM`` chunk sums) is subtracted first.
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HX
+    h = bh % HX
+    rows = blk * BLK + tl.arange(0, BLK)
+    cols = tl.arange(0, DP)
+    x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D)
+    if CENTER:
+        ch = tl.arange(0, NCHUNK_P2)
+        parts = tl.load(
+            KSUM + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
+            mask=ch[:, None] < NCHUNK, other=0.0,
+        )
+        mean = tl.sum(parts, 0) / N
+        x = tl.where(valid, x - mean[None, :], 0.0)
+    n_valid = tl.minimum(N - blk * BLK, BLK).to(tl.float32)
+
+    # Pool and self-similarity; any non-finite value makes the similarity NaN.
+    a = _abs_nonfinite_inf(x)
+    bad = tl.max(tl.max(a, 1), 0) == INF
+    pool = tl.sum(x, 0) / n_valid
+    sumsq = tl.sum(x * x, 1)
+    xn = x / tl.sqrt(tl.maximum(sumsq, 1e-30))[:, None]
+    sdir = tl.sum(xn, 0)
+    sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
+    sim = tl.where(bad, float("nan"), sim)
+    tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, pool)
+    tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
+
+    # INT8 with scale amax/127, rounding half away from zero.
+    if PER_TOKEN:
+        amax = tl.max(a, 1)
+        scale = amax / 127.0
+        inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+        xq = tl.minimum(tl.maximum(_round_half_away(x * inv[:, None]), -127.0), 127.0)
+        scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
+        tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
+    else:
+        amax = tl.max(tl.max(a, 1), 0)
+        scale = amax / 127.0
+        inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+        xq = tl.minimum(tl.maximum(_round_half_away(x * inv), -127.0), 127.0)
+        scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
+        tl.store(XS + bh.to(tl.int64) * NB + blk, scale)
+    xq = tl.where(xq == xq, xq, 0.0)
+    out = X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]
+    tl.store(out, xq.to(tl.int8))
+
+
+@triton.jit
+def _v_prep_kernel(
+    V, sb, sh, sn, sd,
+    VMAX, VOUT, VS,
+    HK, N, D, N_PAD, vmax_target, NCHUNK,
+    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Scale block ``program_id(0)`` of V by ``1/(amax_c/vmax_target)`` per channel and cast it.
+
+    FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
+    fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
+    """
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    rows = blk * BLK + tl.arange(0, BLK)
+    cols = tl.arange(0, DP)
+    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D)
+    ch = tl.arange(0, NCHUNK_P2)
+    parts = tl.load(
+        VMAX + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
+        mask=ch[:, None] < NCHUNK, other=0.0,
+    )
+    amax = tl.max(parts, 0)
+    scale = amax / vmax_target
+    inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+    xs = x * inv[None, :]
+    xs = tl.where(xs == xs, xs, 0.0)
+    if blk == 0:
+        tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
+    if FP8:
+        ptrs = VOUT + (bh.to(tl.int64) * DP + cols[None, :]) * N_PAD + rows[:, None]
+        tl.store(ptrs, _to_fp8(xs, INTERPRET))
+    else:
+        ptrs = VOUT + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]
+        tl.store(ptrs, xs.to(tl.float16))

@@ -1,0 +1,479 @@
+"""SpargeAttn in plain torch: the specification the Triton kernels are tested against.
+
+Everything here is written for clarity, not speed, and computes in ``float64`` on the CPU and
+``float32`` on a GPU (``_work_dtype``). Tests and benchmarks use the same functions:
+
+* :func:`block_stats` - per-block mean (pool) and self-similarity (mean pairwise cosine).
+* :func:`predict_block_mask` - the stage-1 block mask (TopCdf / TopK, self-similarity judge,
+  causal, ``keep_ranges``), identical in meaning to :func:`kernels.predict_block_mask`.
+* :func:`quantize_like_kernel` - the INT8 / FP8 / FP16 rounding the kernel applies.
+* :func:`block_sparse_attention` - masked attention; exact (``quant=None``) or an emulation of the
+  kernel's online loop with its quantization and the stage-2 P.V skip.
+* :func:`dense_attention` - plain attention in high precision (the "truth").
+* :func:`metrics` - relative L1, cosine similarity and RMSE.
+
+Tensors here are always ``HND`` = (B, H, N, D); :func:`to_hnd` converts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .config import BLOCK_K, BLOCK_Q, P_SCALE_LOG2, V_FP8_MAX
+
+LOG2E = 1.4426950408889634
+
+__all__ = [
+    "to_hnd",
+    "block_stats",
+    "predict_block_mask",
+    "pooled_map",
+    "causal_block_mask",
+    "token_mask",
+    "quantize_like_kernel",
+    "block_sparse_attention",
+    "dense_attention",
+    "metrics",
+    "local_qkv",
+]
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Return ``x`` as (B, H, N, D) in the working precision."""
+    if layout == "NHD":
+        x = x.transpose(1, 2)
+    elif layout != "HND":
+        raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
+    return x.to(_work_dtype(x.device))
+
+
+def _per_head(value, h: int, like: torch.Tensor) -> torch.Tensor:
+    """A threshold (float or length-H tensor) as a length-H tensor in the working precision."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return t.expand(h).clone() if t.dim() == 0 else t.reshape(h)
+
+
+def _blocks(x: torch.Tensor, blk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the token axis to a multiple of ``blk``; return (B, H, nb, blk, D) and the valid-row mask."""
+    n = x.shape[2]
+    nb = -(-n // blk)
+    pad = nb * blk - n
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    valid = torch.arange(nb * blk, device=x.device) < n
+    return xp.reshape(x.shape[0], x.shape[1], nb, blk, x.shape[3]), valid.reshape(nb, blk)
+
+
+def block_stats(x: torch.Tensor, blk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block mean token and self-similarity.
+
+    Parameters
+    ----------
+    x : (B, H, N, D) tensor
+    blk : block length in tokens
+
+    Returns
+    -------
+    pool : (B, H, nb, D) mean of the valid tokens of each block
+    sim : (B, H, nb) mean pairwise cosine similarity of the valid tokens, diagonal included,
+        ``|sum_i x_i/|x_i||^2 / n^2``; NaN for a block holding a non-finite value (such a block is
+        then "not self-similar" and always computed).
+    """
+    xb, valid = _blocks(x, blk)
+    cnt = valid.sum(-1).to(x.dtype)  # (nb,)
+    vmask = valid[None, None, :, :, None].to(x.dtype)
+    pool = (xb * vmask).sum(-2) / cnt[None, None, :, None]
+    sumsq = (xb * xb).sum(-1, keepdim=True)
+    xn = xb * torch.rsqrt(torch.clamp(sumsq, min=1e-30)) * vmask
+    s = xn.sum(-2)
+    sim = (s * s).sum(-1) / (cnt * cnt)[None, None, :]
+    finite = torch.isfinite(xb).all(-1).all(-1)
+    sim = torch.where(finite, sim, torch.full_like(sim, float("nan")))
+    return pool, sim
+
+
+def causal_block_mask(nq: int, nk: int, n_q: int, device=None) -> torch.Tensor:
+    """(nqb, nkb) bool: block (i, j) holds at least one causally visible pair.
+
+    Causal attention here is top-left aligned, as in ``torch.nn.functional.scaled_dot_product_attention``:
+    query ``m`` sees keys ``n <= m``.
+    """
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    last_q = torch.clamp((i + 1) * BLOCK_Q, max=n_q) - 1
+    return j * BLOCK_K <= last_q
+
+
+def _diagonal_blocks(nq: int, nk: int, device=None) -> torch.Tensor:
+    """(nqb, nkb) bool: K block j overlaps the token range of Q block i (always kept when causal)."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return (j * BLOCK_K < (i + 1) * BLOCK_Q) & ((j + 1) * BLOCK_K > i * BLOCK_Q)
+
+
+def _range_blocks(nb: int, blk: int, ranges: Sequence[Tuple[int, int]], device=None) -> torch.Tensor:
+    start = torch.arange(nb, device=device) * blk
+    hit = torch.zeros(nb, dtype=torch.bool, device=device)
+    for a, b in ranges:
+        hit |= (start < b) & (start + blk > a)
+    return hit
+
+
+def predict_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    layout: str = "HND",
+    scale: Optional[float] = None,
+    causal: bool = False,
+    mode: str = "cdf",
+    cdf_threshold=0.98,
+    sim_threshold=None,
+    topk=0.5,
+    keep_ranges: Optional[Sequence[Tuple[int, int]]] = None,
+) -> torch.Tensor:
+    """Stage-1 block mask, the reference for :func:`kernels.predict_block_mask` (same arguments).
+
+    Steps, per batch, head and Q block ``i`` (all in the working precision):
+
+    1. K is centred by its token mean (per batch and KV head); Q and centred K are pooled per block
+       and each block's self-similarity is measured (:func:`block_stats`).
+    2. ``S[i, j] = pool_q[i] . pool_k[j] * scale``; columns of K blocks that are not self-similar
+       (``sim <= sim_threshold`` or NaN) and causally invisible blocks are set to ``-inf``; softmax.
+    3. ``mode="cdf"``: keep the largest entries while their cumulative mass stays ``<= cdf_threshold``;
+       ``mode="topk"``: keep the ``max(1, floor(topk * n_visible + 1e-4))`` largest logits, where
+       ``n_visible`` counts the causally visible K blocks of the row. At least one block is kept.
+    4. Always kept: K blocks that are not self-similar, every block of a Q block that is not
+       self-similar, rows and columns of blocks that overlap ``keep_ranges``, and (causal) the blocks
+       on the diagonal. Causally invisible blocks are never kept.
+    """
+    if sim_threshold is None:
+        sim_threshold = 0.6 if mode == "cdf" else -0.1
+    pm = pooled_map(q, k, layout=layout, scale=scale, causal=causal, sim_threshold=sim_threshold,
+                    keep_ranges=keep_ranges)
+    s, p, cand, visible = pm["logits"], pm["probs"], pm["cand"], pm["visible"]
+    h, nkb, dev = s.shape[1], s.shape[3], s.device
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(nkb, device=dev).expand_as(order).contiguous())
+    if mode == "cdf":
+        cdf = torch.cumsum(torch.gather(p, -1, order), dim=-1)
+        tau = _per_head(cdf_threshold, h, p)[None, :, None, None]
+        n_keep = (cdf <= tau).sum(-1, keepdim=True)
+    elif mode == "topk":
+        frac = _per_head(topk, h, p)[None, :, None, None]
+        n_vis = visible.sum(-1)[None, None, :, None].to(frac.dtype)
+        n_keep = torch.floor(frac * n_vis + 1e-4).to(torch.long)  # 0.9f * 10 -> 9
+    else:
+        raise ValueError(f"mode must be 'cdf' or 'topk', got {mode!r}")
+    n_keep = torch.clamp(n_keep, min=1)
+    keep = (rank < n_keep) & cand
+    keep = keep | pm["k_forced"][:, :, None, :] | pm["q_forced"][:, :, :, None]
+    if causal:
+        keep = keep | _diagonal_blocks(s.shape[2], nkb, dev)[None, None]
+    return keep & visible[None, None]
+
+
+def pooled_map(q, k, *, layout="HND", scale=None, causal=False, sim_threshold=0.6, keep_ranges=None) -> dict:
+    """The pooled attention map of stage 1, before selection (see :func:`predict_block_mask`).
+
+    Returns a dict: ``logits`` (B, H, nqb, nkb) with non-candidates at -inf, ``probs`` (their
+    softmax, 0 off the candidates), ``cand`` (visible and K block self-similar), ``visible``
+    (nqb, nkb), ``q_forced`` (B, H, nqb) and ``k_forced`` (B, H, nkb).
+    """
+    qh, kh = to_hnd(q, layout), to_hnd(k, layout)
+    b, h, nq_tok, d = qh.shape
+    hk, nk_tok = kh.shape[1], kh.shape[2]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key heads ({hk})")
+    g = h // hk
+    scale = d**-0.5 if scale is None else float(scale)
+    nqb, nkb = -(-nq_tok // BLOCK_Q), -(-nk_tok // BLOCK_K)
+    dev = qh.device
+
+    km = kh.mean(dim=2, keepdim=True)
+    pool_q, sim_q = block_stats(qh, BLOCK_Q)
+    pool_k, sim_k = block_stats(kh - km, BLOCK_K)
+    pool_k = pool_k.repeat_interleave(g, dim=1)
+    sim_k = sim_k.repeat_interleave(g, dim=1)
+
+    theta = _per_head(sim_threshold, h, qh)[None, :, None]
+    q_forced = ~(sim_q > theta)  # (B, H, nqb); NaN -> forced
+    k_forced = ~(sim_k > theta)  # (B, H, nkb)
+    if keep_ranges:
+        q_forced = q_forced | _range_blocks(nqb, BLOCK_Q, keep_ranges, dev)
+        k_forced = k_forced | _range_blocks(nkb, BLOCK_K, keep_ranges, dev)
+
+    visible = torch.ones(nqb, nkb, dtype=torch.bool, device=dev)
+    if causal:
+        visible = causal_block_mask(nqb, nkb, nq_tok, dev)
+
+    s = pool_q @ pool_k.transpose(-1, -2) * scale  # (B, H, nqb, nkb)
+    cand = visible[None, None] & ~k_forced[:, :, None, :]
+    s = torch.where(cand, s, torch.full_like(s, -math.inf))
+    has_cand = cand.any(-1, keepdim=True)
+    p = torch.softmax(torch.where(has_cand, s, torch.zeros_like(s)), dim=-1)
+    p = torch.where(cand, p, torch.zeros_like(p))
+    return {"logits": s, "probs": p, "cand": cand, "visible": visible, "q_forced": q_forced, "k_forced": k_forced}
+
+
+def token_mask(block_mask: torch.Tensor, nq: int, nk: int, causal: bool) -> torch.Tensor:
+    """Expand a (B, H, nqb, nkb) block mask to a (B, H, nq, nk) token mask (causal applied)."""
+    m = block_mask.repeat_interleave(BLOCK_Q, dim=2)[:, :, :nq]
+    m = m.repeat_interleave(BLOCK_K, dim=3)[:, :, :, :nk]
+    if causal:
+        m = m & torch.ones(nq, nk, dtype=torch.bool, device=m.device).tril()
+    return m
+
+
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.trunc(x + 0.5 * torch.sign(x))
+
+
+def _int8(x: torch.Tensor, amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 rounding with scale ``amax/127`` (NaN scale for non-finite groups)."""
+    scale = amax / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    xq = torch.clamp(_round_half_away(x * inv), -127, 127)
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    return xq, scale
+
+
+def _amax(x: torch.Tensor, dims) -> torch.Tensor:
+    a = x.abs()
+    a = torch.where(torch.isfinite(a), a, torch.full_like(a, math.inf))
+    return a.amax(dim=dims, keepdim=True)
+
+
+def quantize_like_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str):
+    """Round (HND, working-precision) Q, K, V the way the kernel does.
+
+    Q: INT8, one scale per token. K: centred by its token mean, INT8, one scale per ``BLOCK_K`` tokens.
+    V: ``pv="fp8"`` -> FP8 e4m3 with one scale per channel (``amax/448``); ``pv="fp16"`` -> fp16 with the
+    same per-channel scale. Returns dequantized tensors ``(q, k, v)`` in the working precision.
+    A non-finite value makes its group's scale NaN (token of Q, block of K, channel of V).
+    """
+    q8, qs = _int8(q, _amax(q, -1))
+    kc = k - k.mean(dim=2, keepdim=True)
+    kb, valid = _blocks(kc, BLOCK_K)
+    k8, ks = _int8(kb, _amax(kb, (-1, -2)))
+    kq = (k8 * ks).reshape(kb.shape[0], kb.shape[1], -1, kb.shape[-1])[:, :, : k.shape[2]]
+    vs = _amax(v, 2) / V_FP8_MAX
+    vs = torch.where(torch.isfinite(vs), vs, torch.full_like(vs, float("nan")))
+    inv = torch.where(vs > 0, 1.0 / vs, torch.zeros_like(vs))
+    vn = v * inv
+    if pv == "fp8":
+        vn = vn.to(torch.float32).to(torch.float8_e4m3fn).to(v.dtype)
+    elif pv == "fp16":
+        vn = vn.to(torch.float16).to(v.dtype)
+    else:
+        raise ValueError(f"pv must be 'fp8' or 'fp16', got {pv!r}")
+    return q8 * qs, kq, vn * vs
+
+
+def dense_attention(q, k, v, *, layout="HND", scale=None, causal=False) -> torch.Tensor:
+    """Plain softmax attention in the working precision, HND output (GQA by head repetition)."""
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    return _masked_exact(qh, kh, vh, None, scale, causal)
+
+
+def _masked_exact(qh, kh, vh, tok_mask_fn, scale, causal, chunk: int = 4096):
+    b, h, nq, d = qh.shape
+    g = h // kh.shape[1]
+    scale = d**-0.5 if scale is None else float(scale)
+    out = torch.empty(b, h, nq, vh.shape[-1], dtype=qh.dtype, device=qh.device)
+    tril = None
+    for hi in range(h):
+        kk, vv = kh[:, hi // g], vh[:, hi // g]
+        for r0 in range(0, nq, chunk):
+            r1 = min(nq, r0 + chunk)
+            s = qh[:, hi, r0:r1] @ kk.transpose(-1, -2) * scale
+            allowed = torch.ones_like(s, dtype=torch.bool)
+            if causal:
+                rows = torch.arange(r0, r1, device=s.device)[:, None]
+                tril = torch.arange(kk.shape[1], device=s.device)[None, :] <= rows
+                allowed = allowed & tril
+            if tok_mask_fn is not None:
+                allowed = allowed & tok_mask_fn(hi, r0, r1)
+            s = torch.where(allowed, s, torch.full_like(s, -math.inf))
+            mx = s.amax(-1, keepdim=True)
+            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+            p = torch.exp(s - mx)
+            l = p.sum(-1, keepdim=True)
+            o = (p @ vv) / torch.where(l > 0, l, torch.ones_like(l))
+            out[:, hi, r0:r1] = o
+    return out
+
+
+def block_sparse_attention(
+    q,
+    k,
+    v,
+    block_mask: torch.Tensor,
+    *,
+    layout: str = "HND",
+    scale: Optional[float] = None,
+    causal: bool = False,
+    pv_threshold: Optional[float] = None,
+    quant: Optional[str] = None,
+    rows_per_decision: int = BLOCK_Q,
+):
+    """Attention restricted to the kept blocks of ``block_mask``; HND output.
+
+    Parameters
+    ----------
+    block_mask : (B, H, ceil(Nq/BLOCK_Q), ceil(Nk/BLOCK_K)) bool
+    pv_threshold : stage-2 threshold in log2 units (None: off). A group of ``rows_per_decision``
+        query rows skips P.V of a K block when every row's block maximum is at least
+        ``pv_threshold`` below its running maximum.
+    quant : None for exact arithmetic; ``"fp8"`` / ``"fp16"`` to emulate the kernel's rounding of
+        Q/K (INT8), P and V.
+
+    Returns
+    -------
+    out : (B, H, Nq, Dv) tensor
+    skipped : (B, H, nqb) number of (row group, K block) P.V products skipped, in units of K blocks
+        averaged over the row groups of a Q block (0 when ``pv_threshold`` is None).
+
+    Rows whose kept blocks hold no visible key return zeros.
+    """
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    b, h, nq, d = qh.shape
+    nk = kh.shape[2]
+    scale = d**-0.5 if scale is None else float(scale)
+    g = h // kh.shape[1]
+    nqb = block_mask.shape[2]
+    if causal:
+        block_mask = block_mask & causal_block_mask(nqb, block_mask.shape[3], nq, block_mask.device)
+    if quant is None and pv_threshold is None:
+        tm = token_mask(block_mask, nq, nk, causal=False)
+        out = _masked_exact(qh, kh, vh, lambda hi, r0, r1: tm[:, hi, r0:r1], scale, causal)
+        return out, torch.zeros(b, h, nqb, dtype=qh.dtype, device=qh.device)
+    if quant is not None:
+        qh, kh, vh = quantize_like_kernel(qh, kh, vh, quant)
+    kh = kh.repeat_interleave(g, dim=1)
+    vh = vh.repeat_interleave(g, dim=1)
+
+    c = scale * LOG2E
+    qb, qvalid = _blocks(qh, BLOCK_Q)  # (B,H,nqb,BQ,D)
+    rows = (torch.arange(nqb, device=qh.device)[:, None] * BLOCK_Q + torch.arange(BLOCK_Q, device=qh.device))
+    m = torch.full(qb.shape[:-1], -math.inf, dtype=qh.dtype, device=qh.device)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(*qb.shape[:-1], vh.shape[-1], dtype=qh.dtype, device=qh.device)
+    groups = BLOCK_Q // rows_per_decision
+    skipped = torch.zeros(b, h, nqb, groups, dtype=qh.dtype, device=qh.device)
+    nkb = block_mask.shape[3]
+    for j in range(nkb):
+        k0, k1 = j * BLOCK_K, min(nk, (j + 1) * BLOCK_K)
+        kept = block_mask[:, :, :, j]  # (B,H,nqb)
+        if not bool(kept.any()):
+            continue
+        s = torch.einsum("bhird,bhkd->bhirk", qb, kh[:, :, k0:k1]) * c
+        kidx = torch.arange(k0, k1, device=qh.device)
+        vis = torch.ones(nqb, BLOCK_Q, k1 - k0, dtype=torch.bool, device=qh.device)
+        if causal:
+            vis = kidx[None, None, :] <= rows[:, :, None]
+        s = torch.where(vis, s, torch.full_like(s, -math.inf))
+        m_loc = s.amax(-1)
+        m_new = torch.maximum(m, m_loc)
+        upd = kept[..., None].expand_as(m)
+        if pv_threshold is not None:
+            # A row with nothing visible in this block never objects to the skip; a row that has
+            # seen nothing yet (m = -inf) always objects.
+            diff = torch.where(torch.isinf(m_loc) & (m_loc < 0), torch.full_like(m, -math.inf), m_loc - m)
+            diff = torch.where(qvalid[None, None], diff, torch.full_like(m, -math.inf))
+            dg = diff.reshape(b, h, nqb, groups, rows_per_decision).amax(-1)
+            skip = (dg <= -pv_threshold) & kept[..., None]
+            skipped += skip.to(skipped.dtype)
+            upd = upd & ~skip.repeat_interleave(rows_per_decision, dim=-1)
+        m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
+        p = torch.exp2(s - m_safe[..., None] + P_SCALE_LOG2)
+        alpha = torch.exp2(m - m_safe)
+        if quant == "fp8":
+            pq = p.to(torch.float32).to(torch.float8_e4m3fn).to(p.dtype)
+        elif quant == "fp16":
+            pq = p.to(torch.float16).to(p.dtype)
+        else:
+            pq = p
+        l_new = l * alpha + p.sum(-1)
+        acc_new = acc * alpha[..., None] + torch.einsum("bhirk,bhkd->bhird", pq, vh[:, :, k0:k1])
+        l = torch.where(upd, l_new, l)
+        acc = torch.where(upd[..., None], acc_new, acc)
+        m = torch.where(upd, m_new, m)
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
+    out = out.reshape(b, h, nqb * BLOCK_Q, -1)[:, :, :nq]
+    return out, skipped.mean(-1)
+
+
+def metrics(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Relative L1 (sum|o-r| / sum|r|), cosine similarity and RMSE, as Python floats."""
+    o = out.detach().to(torch.float64).flatten()
+    r = ref.detach().to(torch.float64).flatten()
+    rel_l1 = ((o - r).abs().sum() / r.abs().sum().clamp_min(1e-30)).item()
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=0, eps=1e-30).item()
+    rmse = torch.sqrt(torch.mean((o - r) ** 2)).item()
+    return {"rel_l1": rel_l1, "cos": cos, "rmse": rmse}
+
+
+def local_qkv(
+    b: int,
+    h: int,
+    n: int,
+    d: int,
+    *,
+    grid: Optional[Tuple[int, int, int]] = None,
+    sharpness: float = 10.0,
+    noise: float = 0.3,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    generator: Optional[torch.Generator] = None,
+    hk: Optional[int] = None,
+):
+    """Synthetic Q, K, V (HND) with local, diffusion-like attention.
+
+    Tokens sit on a 1-D line or, with ``grid=(T, H, W)`` (``T*H*W == n``), on a row-major 3-D grid.
+    Q and K are random Fourier features of the position, so ``q_i . k_j / sqrt(d)`` falls off like
+    a Gaussian of the distance with a peak of about ``sharpness``; each head gets its own reach
+    (from 2% to 30% of the extent), plus gaussian ``noise``. V is standard normal. With ``hk`` the
+    K/V have ``hk`` heads (GQA).
+    """
+    hk = h if hk is None else hk
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    # Small draws (frequencies, phases) come from ``generator`` on the CPU; the large noise tensors
+    # too when a generator is given (reproducible), else they are drawn directly on ``device``.
+    big_dev = torch.device("cpu") if generator is not None else dev
+
+    def noise_draw(*shape):
+        return torch.randn(*shape, generator=generator, device=big_dev).to(dev)
+
+    if grid is None:
+        pos = torch.arange(n, dtype=torch.float32, device=dev)[:, None]
+        extent = float(n)
+    else:
+        t, gh, gw = grid
+        if t * gh * gw != n:
+            raise ValueError(f"grid {grid} has {t * gh * gw} tokens, not {n}")
+        tt, yy, xx = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        pos = torch.stack([tt, yy, xx], -1).reshape(n, 3).to(device=dev, dtype=torch.float32)
+        extent = float(max(grid))
+    half = d // 2
+    amp = math.sqrt(sharpness * math.sqrt(d))
+    reach = extent * torch.logspace(math.log10(0.02), math.log10(0.3), max(h, 1))
+    f = torch.zeros(b, h, n, d, device=dev, dtype=torch.float32)
+    for hi in range(h):
+        w = (torch.randn(half, pos.shape[1], generator=generator) / reach[hi]).to(dev)
+        phase = (torch.rand(half, generator=generator) * 2 * math.pi).to(dev)
+        arg = pos @ w.T + phase
+        f[:, hi, :, : 2 * half] = torch.cat([torch.cos(arg), torch.sin(arg)], -1) * (amp / math.sqrt(half))
+    q = f + noise * noise_draw(b, h, n, d)
+    g = h // hk
+    k = f[:, ::g] + noise * noise_draw(b, hk, n, d)
+    del f
+    v = noise_draw(b, hk, n, d)
+    return tuple(x.to(device=dev, dtype=dtype).contiguous() for x in (q, k, v))

@@ -1,0 +1,42 @@
+"""Test set-up.
+
+* Without a CUDA GPU the kernels run in the Triton interpreter: ``TRITON_INTERPRET=1`` is set here,
+  before anything imports Triton.
+* The repository root is loaded as a package named ``sparge_pack`` (``sparge_pack.kernels``,
+  ``sparge_pack.nodes``), the way ComfyUI loads a custom node, whatever the checkout's folder is
+  called. ComfyUI's own top-level ``nodes`` module is never shadowed.
+"""
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK = "sparge_pack"
+
+
+def _load_pack():
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(
+        PACK, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_load_pack()
+
+
+def pytest_report_header(config):
+    if ON_GPU:
+        return f"kernels: {torch.cuda.get_device_name()} (real sizes)"
+    return "kernels: no CUDA GPU -> Triton interpreter (TRITON_INTERPRET=1), small sizes"
