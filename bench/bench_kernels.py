@@ -188,7 +188,7 @@ def run_cpu(lines: list):
         for label, topk in SETTINGS:
             out, stats = sparge_attn(q, k, v, mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv, return_stats=True)
             mask = A.predict_block_mask(q, k, mode="topk", topk=topk, sim_threshold=-1.0)
-            emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv)
+            emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, **A.walk_options(q.shape[-1], q.shape[2], q.shape[0] * q.shape[1]))
             lines.append(f"| {label} | {pv} | {float(stats['density'].mean()):.2f} | "
                          f"{R.metrics(out, dense)['rel_l1']:.4f} | {R.metrics(out, emu)['rel_l1']:.2e} |")
             print(lines[-1], flush=True)

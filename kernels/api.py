@@ -39,7 +39,7 @@ LOG2E = 1.4426950408889634
 Threshold = Union[float, torch.Tensor]
 
 __all__ = [
-    "sparge_attn", "predict_block_mask", "block_sparse_attn", "unavailable_reason", "default_pv_dtype", "pv_group_rows",
+    "sparge_attn", "predict_block_mask", "block_sparse_attn", "unavailable_reason", "default_pv_dtype", "walk_options",
 ]
 
 
@@ -216,7 +216,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     _colstats_kernel[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax,
         g.hk, g.nk, g.d, rows_per_chunk, nchunk,
-        DP=g.dp, R=r, num_warps=4,
+        DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=4,
     )
     buf = {}
     buf["q8"] = torch.empty(g.b * g.h, g.nq_pad, g.dp, device=dev, dtype=torch.int8)
@@ -226,7 +226,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     _qk_prep_kernel[(g.nqb, g.b * g.h)](
         qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
         g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
-        BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True,
+        BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
         num_warps=8,
     )
     buf["k8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.int8)
@@ -236,7 +236,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     _qk_prep_kernel[(g.nkb, g.b * g.hk)](
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
-        BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False,
+        BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
         num_warps=4,
     )
     if v is not None:
@@ -250,7 +250,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
             vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
             g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
             BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8,
-            INTERPRET=_interpreting(), num_warps=4,
+            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, num_warps=4,
         )
     return buf
 
@@ -279,10 +279,10 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         theta = _threshold(sim_threshold, "sim_threshold", g, dev, -math.inf, math.inf)
         frac = _threshold(topk, "topk", g, dev, 0.0, 1.0)
         scores = torch.empty(rows, g.nqb, g.nkb, device=dev, dtype=torch.float32)
-        tm = 32
+        tm = 64 if g.dp <= 128 else 32
         _scores_kernel[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
             buf["pool_q"], buf["pool_k"], scores, g.h, g.h // g.hk, g.nqb, g.nkb, scale,
-            DP=g.dp, TM=tm, TN=tm, num_warps=4,
+            DP=g.dp, TM=tm, TN=tm, PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=4,
         )
         mask_in, mstr = cnt, (0, 0, 0, 0)
     _select_kernel[(g.nqb, rows)](
@@ -304,21 +304,30 @@ def _padded_dim(d: int) -> int:
     return max(64, _p2(d))
 
 
-def pv_group_rows(head_dim: int) -> int:
-    """Query rows that share one stage-2 skip decision (one kernel program): 128, or 64 when D > 128."""
-    return 64 if _padded_dim(head_dim) >= 256 else BLOCK_Q
-
-
-#: Benchmarks may set keys of this dict (num_warps, num_stages, acc_in_dot) to try other configs.
+#: Benchmarks may set keys of this dict (block_m, num_warps, num_stages, pair) to try other configs.
 ATTN_CONFIG_OVERRIDE: dict = {}
 
 
-def _attention_config(g: _Geom, pv_dtype: str) -> dict:
-    """Launch parameters of the attention kernel for this geometry."""
-    # Measured on an H100 (bench/NOTES.md): 4 warps, 3 stages, P.V accumulating inside the dot.
-    cfg = {"num_warps": 4, "num_stages": 3 if g.dp <= 128 else 2, "acc_in_dot": True}
+def _attention_config(dp: int, q_blocks: int) -> dict:
+    """Launch parameters of the attention kernel for a padded head dim and a number of Q blocks
+    (batch x heads x ceil(Nq/128)). Measured on an H100 (bench/NOTES.md): 64-row programs with
+    paired K blocks at head dim 64; at 128, 64-row programs when there are few Q blocks (Flux), else 128."""
+    if dp >= 256:
+        cfg = {"block_m": 64, "num_warps": 4, "num_stages": 2, "pair": False}
+    elif dp <= 64:
+        cfg = {"block_m": 64, "num_warps": 4, "num_stages": 3, "pair": True}
+    else:
+        cfg = {"block_m": 64 if q_blocks < 2048 else 128, "num_warps": 4, "num_stages": 3, "pair": False}
     cfg.update(ATTN_CONFIG_OVERRIDE)
     return cfg
+
+
+def walk_options(head_dim: int, n_q: int, batch_heads: int) -> dict:
+    """How the attention kernel walks the LUT for such a call, in the keywords of
+    ``reference.block_sparse_attention``: ``rows_per_decision`` (query rows of one program, which
+    share each stage-2 decision) and ``pair`` (mask-free blocks taken two at a time)."""
+    cfg = _attention_config(_padded_dim(head_dim), batch_heads * _cdiv(n_q, BLOCK_Q))
+    return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"]}
 
 
 def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Optional[float], pv_dtype: str,
@@ -332,8 +341,8 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
             f"q is {tuple(q.shape)} {q.dtype} on {q.device}"
         )
     oh = _hnd(out, g.layout)
-    cfg = _attention_config(g, pv_dtype)
-    bm = pv_group_rows(g.d)
+    cfg = _attention_config(g.dp, g.b * g.h * g.nqb)
+    bm = cfg["block_m"]
     sub = BLOCK_Q // bm
     pv_skip = pv_threshold is not None
     if pv_skip:
@@ -347,7 +356,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad,
         pv_threshold if pv_skip else 0.0, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CAUSAL=causal, PV_SKIP=pv_skip, FP8=pv_dtype == "fp8",
-        INTERPRET=_interpreting(), ACC_IN_DOT=cfg["acc_in_dot"], CLAMP=out.dtype == torch.float16,
+        INTERPRET=_interpreting(), PAIR=cfg["pair"], CLAMP=out.dtype == torch.float16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, (skip if pv_skip else None), sub

@@ -5,11 +5,10 @@ One program computes ``BM`` query rows of one head (``BLOCK_Q // BM`` programs s
 LUT row). It walks only the kept K blocks, first the ``CNT_FULL`` blocks that need no element mask,
 then the rest (key tail, causal diagonal) with masks. Per K block ``j``::
 
-    c   = qs_row * ks_j                                # qs folds sm_scale*log2(e): s is in log2 units
-    s   = int32(q8 @ k8_j^T) * c                       # (never formed: c > 0, so rowmax(s) = c*rowmax)
+    s   = int32(q8 @ k8_j^T) * (qs_row * ks_j)        # qs folds sm_scale*log2(e): s is in log2 units
     m'  = max(m, rowmax(s))
     skip P.V if max_rows(rowmax(s) - m) <= -pv_threshold           (stage 2, optional)
-    p   = exp2(qk * c - (m' - log2(448)))              # one FMA; P in [0, 448], the FP8 e4m3 range
+    p   = exp2(s - (m' - log2(448)))                   # P in [0, 448], the FP8 e4m3 range
     l   = l * exp2(m - m') + rowsum(p)
     acc = acc * exp2(m - m') + fp8(p) @ v8_j          # v8 = V / (amax_c/448), per channel c
 
@@ -20,10 +19,55 @@ are below the running maxima, so ``m' = m``) and the skip is counted. A block wh
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 from .quant import _to_fp8
 
 NEG_INF = tl.constexpr(float("-inf"))
+MAGIC_I = tl.constexpr(0x4B400000)  # bit pattern of 12582912.0 = 1.5 * 2^23
+MAGIC_F = tl.constexpr(12582912.0)
+
+
+@triton.jit
+def _load_block(j, offs_n, offs_d, k_base, ks_base, v_base, qs, N_PAD, BN: tl.constexpr, DP: tl.constexpr,
+                FP8: tl.constexpr):
+    """K tile, V tile (as [BN, DP]) and the per-row score multiplier c = q_scale * k_scale of block j."""
+    kn = j * BN + offs_n
+    k = tl.load(k_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
+    if FP8:
+        v = tl.load(v_base + offs_d[None, :].to(tl.int64) * N_PAD + kn[:, None])
+    else:
+        v = tl.load(v_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
+    ks = tl.load(ks_base + j)
+    return k, v, ks, qs * ks, kn
+
+
+@triton.jit
+def _scores(q, k):
+    """Integer Q.K^T as fp32, without I2F (a quarter-rate instruction, as slow as the exp2):
+    |qk| < 127^2 * 256 < 2^22, so adding 1.5 * 2^23 as an integer lands in the float's mantissa."""
+    return (tl.dot(q, tl.trans(k)) + MAGIC_I).to(tl.float32, bitcast=True) - MAGIC_F
+
+
+@triton.jit
+def _scale(qk, c, INTERPRET: tl.constexpr):
+    """s = qk * c rounded to fp32 (``mul.rn``: never contracted into a later FMA), so that the row
+    maximum of s gives exactly exp2(0) even when |s| is so large that fp32 is coarser than 1."""
+    if INTERPRET:
+        return qk * c[:, None]
+    else:
+        return libdevice.mul_rn(qk, c[:, None])
+
+
+@triton.jit
+def _probs(s, m_use, p_offset, FP8: tl.constexpr, INTERPRET: tl.constexpr):
+    """P = exp2(s - m + log2(448)) in fp32 (for the row sums) and cast for the P.V dot."""
+    p = tl.exp2(s - (m_use - p_offset)[:, None])
+    if FP8:
+        pc = _to_fp8(p, INTERPRET)
+    else:
+        pc = p.to(tl.float16)
+    return p, pc
 
 
 @triton.jit
@@ -31,24 +75,17 @@ def _block(
     acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
     k_base, ks_base, v_base, Nk, N_PAD, pv_thr, p_offset,
     BN: tl.constexpr, DP: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, ACC_IN_DOT: tl.constexpr,
+    PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    kn = j * BN + offs_n
-    k = tl.load(k_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
-    if FP8:
-        v = tl.load(v_base + offs_d[None, :].to(tl.int64) * N_PAD + kn[:, None])
-    else:
-        v = tl.load(v_base + kn.to(tl.int64)[:, None] * DP + offs_d[None, :])
-    # c > 0 per row, so the row maximum of s = qk * c is c * max(qk): one FMA per element below.
-    ks = tl.load(ks_base + j)
-    c = qs * ks
-    qk = tl.dot(q, tl.trans(k)).to(tl.float32)
+    """One K block: scores, online softmax update, stage-2 decision, P.V."""
+    k, v, ks, c, kn = _load_block(j, offs_n, offs_d, k_base, ks_base, v_base, qs, N_PAD, BN, DP, FP8)
+    s = _scale(_scores(q, k), c, INTERPRET)
     if MASKED:
         vis = kn[None, :] < Nk
         if CAUSAL:
             vis = vis & (kn[None, :] <= offs_m[:, None])
-        qk = tl.where(vis, qk, NEG_INF)
-    m_loc = tl.max(qk, 1) * c
+        s = tl.where(vis, s, NEG_INF)
+    m_loc = tl.max(s, 1)
     m_new = tl.maximum(m_i, m_loc)
     if PV_SKIP:
         diff = tl.where(m_loc == NEG_INF, NEG_INF, m_loc - m_i)
@@ -61,18 +98,32 @@ def _block(
     else:
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(qk * c[:, None] - (m_use - p_offset)[:, None])
+        p, pc = _probs(s, m_use, p_offset, FP8, INTERPRET)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:
-            p = _to_fp8(p, INTERPRET)
-        else:
-            p = p.to(tl.float16)
-        if ACC_IN_DOT:
-            acc = tl.dot(p, v, acc * alpha[:, None])
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = tl.dot(pc, v, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i, n_skip
+
+
+@triton.jit
+def _pair(
+    acc, l_i, m_i, q, qs, j0, j1, offs_n, offs_d, k_base, ks_base, v_base, N_PAD, p_offset,
+    BN: tl.constexpr, DP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Two unmasked K blocks with one max / rescale step (halves the accumulator rescaling)."""
+    k0, v0, ks0, c0, _ = _load_block(j0, offs_n, offs_d, k_base, ks_base, v_base, qs, N_PAD, BN, DP, FP8)
+    k1, v1, ks1, c1, _ = _load_block(j1, offs_n, offs_d, k_base, ks_base, v_base, qs, N_PAD, BN, DP, FP8)
+    s0 = _scale(_scores(q, k0), c0, INTERPRET)
+    s1 = _scale(_scores(q, k1), c1, INTERPRET)
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
+    m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p0, pc0 = _probs(s0, m_use, p_offset, FP8, INTERPRET)
+    p1, pc1 = _probs(s1, m_use, p_offset, FP8, INTERPRET)
+    l_i = l_i * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+    acc = tl.dot(pc0, v0, acc * alpha[:, None])
+    acc = tl.dot(pc1, v1, acc)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -82,7 +133,7 @@ def _attn_kernel(
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, pv_thr, p_offset,
     BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    ACC_IN_DOT: tl.constexpr, CLAMP: tl.constexpr,
+    PAIR: tl.constexpr, CLAMP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,19 +162,27 @@ def _attn_kernel(
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, DP], dtype=tl.float32)
     n_skip = tl.zeros([], dtype=tl.int32)
-    for it in range(0, n_full):
+    first = 0
+    if PAIR and not PV_SKIP:  # stage 2 decides per block, so it walks single blocks
+        for it in range(0, n_full // 2):
+            j0 = tl.load(lut + 2 * it)
+            j1 = tl.load(lut + 2 * it + 1)
+            acc, l_i, m_i = _pair(acc, l_i, m_i, q, qs, j0, j1, offs_n, offs_d, k_base, ks_base, v_base,
+                                  NK_PAD, p_offset, BN, DP, FP8, INTERPRET)
+        first = n_full - n_full % 2
+    for it in range(first, n_full):
         j = tl.load(lut + it)
         acc, l_i, m_i, n_skip = _block(
             acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
             k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,
-            BN, DP, False, CAUSAL, PV_SKIP, FP8, INTERPRET, ACC_IN_DOT,
+            BN, DP, False, CAUSAL, PV_SKIP, FP8, INTERPRET,
         )
     for it in range(n_full, n_all):
         j = tl.load(lut + it)
         acc, l_i, m_i, n_skip = _block(
             acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
             k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,
-            BN, DP, True, CAUSAL, PV_SKIP, FP8, INTERPRET, ACC_IN_DOT,
+            BN, DP, True, CAUSAL, PV_SKIP, FP8, INTERPRET,
         )
     if PV_SKIP:
         tl.store(SKIP + bh64 * (NQB * SUB) + pid_m, n_skip)

@@ -1,6 +1,7 @@
 """Stage 1, part 2: the pooled attention map and the per-row block selection.
 
-* :func:`_scores_kernel` computes ``S = pool_q @ pool_k^T * scale`` in fp32 (IEEE, no TF32) in tiles.
+* :func:`_scores_kernel` computes ``S = pool_q @ pool_k^T * scale`` in fp32 in tiles (on a GPU as
+  three TF32 products, "tf32x3", accurate to about fp32; plain fp32 in the interpreter).
 * :func:`_select_kernel` handles one row ``i`` (a Q block) of one head: softmax over the candidate
   K blocks, TopCdf or TopK by bisection on the float bit patterns (no sort), the blocks that are
   always kept, and the result written as an index list (LUT) with its length. The LUT is sorted, and
@@ -24,7 +25,7 @@ NEG_INF = tl.constexpr(float("-inf"))
 @triton.jit
 def _scores_kernel(
     PQ, PK, S, H, G, NQB, NKB, scale,
-    DP: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    DP: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """S[bh, i, j] = pool_q[bh, i] . pool_k[b*HK + h//G, j] * scale for a TM x TN tile."""
     pid_m = tl.program_id(0)
@@ -36,7 +37,7 @@ def _scores_kernel(
     cols = tl.arange(0, DP)
     pq = tl.load(PQ + (bh.to(tl.int64) * NQB + ri[:, None]) * DP + cols[None, :], mask=ri[:, None] < NQB, other=0.0)
     pk = tl.load(PK + (hk_idx.to(tl.int64) * NKB + rj[:, None]) * DP + cols[None, :], mask=rj[:, None] < NKB, other=0.0)
-    s = tl.dot(pq, tl.trans(pk), input_precision="ieee") * scale
+    s = tl.dot(pq, tl.trans(pk), input_precision=PRECISION) * scale
     out = S + (bh.to(tl.int64) * NQB + ri[:, None]) * NKB + rj[None, :]
     tl.store(out, s, mask=(ri[:, None] < NQB) & (rj[None, :] < NKB))
 

@@ -28,11 +28,16 @@ TINY = tl.constexpr(1e-18)
 
 
 @triton.jit
-def _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D):
-    """fp32 tile x[b, h, rows, cols] of a strided (B, H, N, D) tensor; zero outside N x D."""
+def _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D: tl.constexpr):
+    """fp32 tile x[b, h, rows, cols] of a strided (B, H, N, D) tensor; zero outside N x D.
+
+    With EVEN_D (D == the tile width) there is no column mask, so rows load as wide vectors."""
     base = X + b.to(tl.int64) * sb + h.to(tl.int64) * sh
     ptrs = base + rows.to(tl.int64)[:, None] * sn + cols[None, :] * sd
-    mask = (rows[:, None] < N) & (cols[None, :] < D)
+    if EVEN_D:
+        mask = (rows[:, None] < N) & (cols[None, :] >= 0)
+    else:
+        mask = (rows[:, None] < N) & (cols[None, :] < D)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), mask
 
 
@@ -49,7 +54,7 @@ def _colstats_kernel(
     V, vsb, vsh, vsn, vsd,
     KSUM, VMAX,
     HK, N, D, rows_per_chunk, NCHUNK,
-    DP: tl.constexpr, R: tl.constexpr,
+    DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's tokens."""
     bh = tl.program_id(0)
@@ -61,8 +66,8 @@ def _colstats_kernel(
     vmax = tl.zeros([DP], dtype=tl.float32)
     for t in range(0, rows_per_chunk // R):
         rows = c * rows_per_chunk + t * R + tl.arange(0, R)
-        kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D)
-        vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D)
+        kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D, EVEN_D)
+        vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
         ksum += tl.sum(kx, 0)
         vmax = tl.maximum(vmax, tl.max(_abs_nonfinite_inf(vx), 0))
     out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
@@ -95,8 +100,11 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _round_half_away(x):
-    return tl.where(x >= 0, tl.floor(x + 0.5), tl.ceil(x - 0.5))
+def _to_int8(y):
+    """Round |y| <= 127 to the nearest integer (ties to even) and return int8, without the
+    quarter-rate F2I/FRND instructions: adding 1.5 * 2^23 rounds y into the fp32 mantissa."""
+    k = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return tl.minimum(tl.maximum(k, -127), 127).to(tl.int8)
 
 
 @triton.jit
@@ -105,7 +113,7 @@ def _qk_prep_kernel(
     KSUM, X8, XS, POOL, SIM,
     HX, N, D, N_PAD, NB, mult, NCHUNK,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr,
+    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Pool, self-similarity and INT8 quantization of block ``program_id(0)`` of head ``program_id(1)``.
 
@@ -119,7 +127,7 @@ def _qk_prep_kernel(
     h = bh % HX
     rows = blk * BLK + tl.arange(0, BLK)
     cols = tl.arange(0, DP)
-    x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D)
+    x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
     if CENTER:
         ch = tl.arange(0, NCHUNK_P2)
         parts = tl.load(
@@ -135,31 +143,31 @@ def _qk_prep_kernel(
     bad = tl.max(tl.max(a, 1), 0) == INF
     pool = tl.sum(x, 0) / n_valid
     sumsq = tl.sum(x * x, 1)
-    xn = x / tl.sqrt(tl.maximum(sumsq, 1e-30))[:, None]
+    xn = x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None]
     sdir = tl.sum(xn, 0)
     sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
     sim = tl.where(bad, float("nan"), sim)
     tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, pool)
     tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
 
-    # INT8 with scale amax/127, rounding half away from zero.
+    # INT8 with scale amax/127, rounding to nearest (ties to even). A non-finite group stores
+    # arbitrary int8 values and a NaN scale.
     if PER_TOKEN:
         amax = tl.max(a, 1)
         scale = amax / 127.0
         inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-        xq = tl.minimum(tl.maximum(_round_half_away(x * inv[:, None]), -127.0), 127.0)
+        xq = _to_int8(x * inv[:, None])
         scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
         tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
     else:
         amax = tl.max(tl.max(a, 1), 0)
         scale = amax / 127.0
         inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-        xq = tl.minimum(tl.maximum(_round_half_away(x * inv), -127.0), 127.0)
+        xq = _to_int8(x * inv)
         scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
         tl.store(XS + bh.to(tl.int64) * NB + blk, scale)
-    xq = tl.where(xq == xq, xq, 0.0)
     out = X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]
-    tl.store(out, xq.to(tl.int8))
+    tl.store(out, xq)
 
 
 @triton.jit
@@ -168,7 +176,7 @@ def _v_prep_kernel(
     VMAX, VOUT, VS,
     HK, N, D, N_PAD, vmax_target, NCHUNK,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """Scale block ``program_id(0)`` of V by ``1/(amax_c/vmax_target)`` per channel and cast it.
 
@@ -181,7 +189,7 @@ def _v_prep_kernel(
     h = bh % HK
     rows = blk * BLK + tl.arange(0, BLK)
     cols = tl.arange(0, DP)
-    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D)
+    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
     ch = tl.arange(0, NCHUNK_P2)
     parts = tl.load(
         VMAX + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],

@@ -232,15 +232,12 @@ def token_mask(block_mask: torch.Tensor, nq: int, nk: int, causal: bool) -> torc
     return m
 
 
-def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    return torch.trunc(x + 0.5 * torch.sign(x))
-
-
 def _int8(x: torch.Tensor, amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT8 rounding with scale ``amax/127`` (NaN scale for non-finite groups)."""
+    """Symmetric INT8 rounding (to nearest, ties to even) with scale ``amax/127`` (NaN scale for
+    non-finite groups)."""
     scale = amax / 127.0
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    xq = torch.clamp(_round_half_away(x * inv), -127, 127)
+    xq = torch.clamp(torch.round(x * inv), -127, 127)
     scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
     return xq, scale
 
@@ -323,6 +320,7 @@ def block_sparse_attention(
     pv_threshold: Optional[float] = None,
     quant: Optional[str] = None,
     rows_per_decision: int = BLOCK_Q,
+    pair: bool = True,
 ):
     """Attention restricted to the kept blocks of ``block_mask``; HND output.
 
@@ -332,8 +330,10 @@ def block_sparse_attention(
     pv_threshold : stage-2 threshold in log2 units (None: off). A group of ``rows_per_decision``
         query rows skips P.V of a K block when every row's block maximum is at least
         ``pv_threshold`` below its running maximum.
-    quant : None for exact arithmetic; ``"fp8"`` / ``"fp16"`` to emulate the kernel's rounding of
-        Q/K (INT8), P and V.
+    quant : None for exact arithmetic; ``"fp8"`` / ``"fp16"`` to emulate the kernel, which walks each
+        row's kept blocks in ascending order (the blocks that need no element mask first, two at a
+        time when ``pair`` and stage 2 is off; then the rest one by one) with the online softmax in
+        log2 units and rounds Q/K (INT8), P and V like the kernel.
 
     Returns
     -------
@@ -348,61 +348,106 @@ def block_sparse_attention(
     nk = kh.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
     g = h // kh.shape[1]
-    nqb = block_mask.shape[2]
+    nqb, nkb = block_mask.shape[2], block_mask.shape[3]
+    dev = qh.device
+    block_mask = block_mask.to(dev).expand(b, h, nqb, nkb)
     if causal:
-        block_mask = block_mask & causal_block_mask(nqb, block_mask.shape[3], nq, block_mask.device)
+        block_mask = block_mask & causal_block_mask(nqb, nkb, nq, dev)
     if quant is None and pv_threshold is None:
         tm = token_mask(block_mask, nq, nk, causal=False)
         out = _masked_exact(qh, kh, vh, lambda hi, r0, r1: tm[:, hi, r0:r1], scale, causal)
-        return out, torch.zeros(b, h, nqb, dtype=qh.dtype, device=qh.device)
+        return out, torch.zeros(b, h, nqb, dtype=qh.dtype, device=dev)
     if quant is not None:
         qh, kh, vh = quantize_like_kernel(qh, kh, vh, quant)
-    kh = kh.repeat_interleave(g, dim=1)
-    vh = vh.repeat_interleave(g, dim=1)
-
     c = scale * LOG2E
-    qb, qvalid = _blocks(qh, BLOCK_Q)  # (B,H,nqb,BQ,D)
-    rows = (torch.arange(nqb, device=qh.device)[:, None] * BLOCK_Q + torch.arange(BLOCK_Q, device=qh.device))
-    m = torch.full(qb.shape[:-1], -math.inf, dtype=qh.dtype, device=qh.device)
+    qb, qvalid = _blocks(qh, BLOCK_Q)  # (B, H, nqb, BQ, D)
+    kb, _ = _blocks(kh.repeat_interleave(g, dim=1), BLOCK_K)  # (B, H, nkb, BK, D)
+    vb, _ = _blocks(vh.repeat_interleave(g, dim=1), BLOCK_K)
+    rows = torch.arange(nqb, device=dev)[:, None] * BLOCK_Q + torch.arange(BLOCK_Q, device=dev)  # (nqb, BQ)
+
+    # The LUT: each row's kept blocks in ascending order; the first n_full need no element mask.
+    cols = torch.arange(nkb, device=dev)
+    need_mask = (cols * BLOCK_K + BLOCK_K > nk)[None, :].expand(nqb, nkb)
+    if causal:
+        need_mask = need_mask | (cols[None, :] * BLOCK_K + BLOCK_K - 1 > torch.arange(nqb, device=dev)[:, None] * BLOCK_Q)
+    key = torch.where(block_mask, cols.expand_as(block_mask), torch.full_like(block_mask, nkb, dtype=torch.long))
+    lut = torch.sort(key, dim=-1).values  # (B, H, nqb, nkb); padding = nkb
+    cnt = block_mask.sum(-1)
+    n_full = (block_mask & ~need_mask[None, None]).sum(-1)
+
+    m = torch.full(qb.shape[:-1], -math.inf, dtype=qh.dtype, device=dev)
     l = torch.zeros_like(m)
-    acc = torch.zeros(*qb.shape[:-1], vh.shape[-1], dtype=qh.dtype, device=qh.device)
+    acc = torch.zeros(*qb.shape[:-1], vh.shape[-1], dtype=qh.dtype, device=dev)
     groups = BLOCK_Q // rows_per_decision
-    skipped = torch.zeros(b, h, nqb, groups, dtype=qh.dtype, device=qh.device)
-    nkb = block_mask.shape[3]
-    for j in range(nkb):
-        k0, k1 = j * BLOCK_K, min(nk, (j + 1) * BLOCK_K)
-        kept = block_mask[:, :, :, j]  # (B,H,nqb)
-        if not bool(kept.any()):
-            continue
-        s = torch.einsum("bhird,bhkd->bhirk", qb, kh[:, :, k0:k1]) * c
-        kidx = torch.arange(k0, k1, device=qh.device)
-        vis = torch.ones(nqb, BLOCK_Q, k1 - k0, dtype=torch.bool, device=qh.device)
-        if causal:
-            vis = kidx[None, None, :] <= rows[:, :, None]
-        s = torch.where(vis, s, torch.full_like(s, -math.inf))
+    skipped = torch.zeros(b, h, nqb, groups, dtype=qh.dtype, device=dev)
+    bi = torch.arange(b, device=dev)[:, None, None]
+    hi = torch.arange(h, device=dev)[None, :, None]
+
+    def gather(t):
+        """K, V blocks and key indices of LUT column t for every row: (B, H, nqb, BK, ...)."""
+        j = lut[..., t].clamp(max=nkb - 1)
+        kidx = j[..., None] * BLOCK_K + torch.arange(BLOCK_K, device=dev)
+        return kb[bi, hi, j], vb[bi, hi, j], kidx
+
+    def round_p(p):
+        if quant == "fp8":
+            return p.to(torch.float32).to(torch.float8_e4m3fn).to(p.dtype)
+        if quant == "fp16":
+            return p.to(torch.float16).to(p.dtype)
+        return p
+
+    def scores(kk, kidx, masked):
+        s = torch.einsum("bhird,bhikd->bhirk", qb, kk) * c
+        if masked:
+            vis = kidx[..., None, :] < nk
+            if causal:
+                vis = vis & (kidx[..., None, :] <= rows[None, None, :, :, None])
+            s = torch.where(vis, s, torch.full_like(s, -math.inf))
+        return s
+
+    def safe(mx):
+        return torch.where(torch.isinf(mx) & (mx < 0), torch.zeros_like(mx), mx)
+
+    start = torch.zeros_like(cnt)
+    if pair and pv_threshold is None:
+        npairs = n_full // 2
+        for t in range(int(npairs.max()) if npairs.numel() else 0):
+            act = (t < npairs)[..., None]  # (B, H, nqb, 1)
+            k0, v0, i0 = gather(2 * t)
+            k1, v1, i1 = gather(2 * t + 1)
+            s0, s1 = scores(k0, i0, False), scores(k1, i1, False)
+            m_new = torch.maximum(m, torch.maximum(s0.amax(-1), s1.amax(-1)))
+            mu = safe(m_new)
+            alpha = torch.exp2(m - mu)
+            p0 = torch.exp2(s0 - mu[..., None] + P_SCALE_LOG2)
+            p1 = torch.exp2(s1 - mu[..., None] + P_SCALE_LOG2)
+            l_new = l * alpha + p0.sum(-1) + p1.sum(-1)
+            acc_new = (acc * alpha[..., None] + torch.einsum("bhirk,bhikd->bhird", round_p(p0), v0)
+                       + torch.einsum("bhirk,bhikd->bhird", round_p(p1), v1))
+            l, m = torch.where(act, l_new, l), torch.where(act, m_new, m)
+            acc = torch.where(act[..., None], acc_new, acc)
+        start = 2 * npairs
+    for t in range(int(cnt.max()) if cnt.numel() else 0):
+        act = ((t >= start) & (t < cnt))[..., None]
+        kk, vv, kidx = gather(t)
+        s = scores(kk, kidx, True)
         m_loc = s.amax(-1)
         m_new = torch.maximum(m, m_loc)
-        upd = kept[..., None].expand_as(m)
+        upd = act.expand_as(m)
         if pv_threshold is not None:
             # A row with nothing visible in this block never objects to the skip; a row that has
             # seen nothing yet (m = -inf) always objects.
             diff = torch.where(torch.isinf(m_loc) & (m_loc < 0), torch.full_like(m, -math.inf), m_loc - m)
             diff = torch.where(qvalid[None, None], diff, torch.full_like(m, -math.inf))
             dg = diff.reshape(b, h, nqb, groups, rows_per_decision).amax(-1)
-            skip = (dg <= -pv_threshold) & kept[..., None]
+            skip = (dg <= -pv_threshold) & act
             skipped += skip.to(skipped.dtype)
             upd = upd & ~skip.repeat_interleave(rows_per_decision, dim=-1)
-        m_safe = torch.where(torch.isinf(m_new) & (m_new < 0), torch.zeros_like(m_new), m_new)
-        p = torch.exp2(s - m_safe[..., None] + P_SCALE_LOG2)
-        alpha = torch.exp2(m - m_safe)
-        if quant == "fp8":
-            pq = p.to(torch.float32).to(torch.float8_e4m3fn).to(p.dtype)
-        elif quant == "fp16":
-            pq = p.to(torch.float16).to(p.dtype)
-        else:
-            pq = p
+        mu = safe(m_new)
+        p = torch.exp2(s - mu[..., None] + P_SCALE_LOG2)
+        alpha = torch.exp2(m - mu)
         l_new = l * alpha + p.sum(-1)
-        acc_new = acc * alpha[..., None] + torch.einsum("bhirk,bhkd->bhird", pq, vh[:, :, k0:k1])
+        acc_new = acc * alpha[..., None] + torch.einsum("bhirk,bhikd->bhird", round_p(p), vv)
         l = torch.where(upd, l_new, l)
         acc = torch.where(upd[..., None], acc_new, acc)
         m = torch.where(upd, m_new, m)

@@ -19,7 +19,7 @@ import torch
 
 from sparge_pack.kernels import BLOCK_K, BLOCK_Q, block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_pack.kernels import default_pv_dtype
-from sparge_pack.kernels.api import pv_group_rows
+from sparge_pack.kernels.api import walk_options
 from sparge_pack.kernels import reference as R
 
 ON_GPU = torch.cuda.is_available()
@@ -179,7 +179,7 @@ def test_sparse_matches_reference(pv, mode, causal):
     assert torch.allclose(stats["density"], density.to(stats["density"].device)), f"seed={seed}"
     assert float(density.min()) < 0.9, f"mask not sparse, seed={seed}"
     exact, _ = R.block_sparse_attention(q, k, v, mask, causal=causal)
-    emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv)
+    emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv, **walk_options(q.shape[-1], n, 2))
     assert _rel(out, exact) <= BOUND[pv], f"seed={seed}"
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
 
@@ -195,10 +195,11 @@ def test_stage2_skip(pv, thr):
     q, k, v = _local(1, 2, n, 64, gen)
     q, k = q * 1.5, k * 1.5  # sharper attention: far blocks become skippable
     mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0)
-    base = block_sparse_attn(q, k, v, mask, pv_dtype=pv)
+    # the same block-by-block walk with a threshold nothing reaches: differs only by the skips
+    base = block_sparse_attn(q, k, v, mask, pv_dtype=pv, pv_threshold=1e9)
     out = _nan_like(q)
     _, stats = block_sparse_attn(q, k, v, mask, pv_dtype=pv, pv_threshold=thr, return_stats=True, out=out)
-    emu, skipped = R.block_sparse_attention(q, k, v, mask, quant=pv, pv_threshold=thr)
+    emu, skipped = R.block_sparse_attention(q, k, v, mask, quant=pv, pv_threshold=thr, **walk_options(q.shape[-1], n, 2))
     assert bool(torch.isfinite(out).all()), f"seed={seed}"
     computed = mask.float().sum((0, 2, 3))
     want = skipped.sum((0, 2)) / computed
@@ -313,7 +314,7 @@ def test_random_sweep(idx):
     assert out.dtype == c["dtype"] and out.shape == args[0].shape, tag
     o = out.transpose(1, 2) if lay == "NHD" else out
     emu, skipped = R.block_sparse_attention(q, k, v, mask, causal=c["causal"], quant=c["pv"],
-                                             pv_threshold=c["pv_threshold"], rows_per_decision=pv_group_rows(c["d"]))
+                                             pv_threshold=c["pv_threshold"], **walk_options(c["d"], c["nq"], c["b"] * c["h"]))
     # a row with no visible key in its kept blocks is zero (only possible with a user mask)
     assert not bool(torch.isnan(o).any()), f"unwritten output: {tag}"
     err = _rel(o, emu) if emu.abs().sum() > 0 else float(o.abs().max())
@@ -376,7 +377,8 @@ def test_large_magnitude_inputs():
         h16 = [(x * big).half() for x in (q, k, v)]
         o16 = sparge_attn(*h16, mode="topk", topk=1.0, sim_threshold=-1, pv_dtype=pv)
         assert bool(torch.isfinite(o16).all()), f"overflow at fp16 max, {pv} seed={seed}"
-        emu, _ = R.block_sparse_attention(*h16, torch.ones(1, 2, 4, 8, dtype=torch.bool, device=DEV), quant=pv)
+        emu, _ = R.block_sparse_attention(*h16, torch.ones(1, 2, 4, 8, dtype=torch.bool, device=DEV), quant=pv,
+                                          **walk_options(d, n, 2))
         assert _rel(o16, emu) <= EMU_TOL[torch.float16], f"{pv} seed={seed}"
 
 
