@@ -10,6 +10,7 @@ through the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
 
 from .api import block_sparse_attn, default_pv_dtype, predict_block_mask, sparge_attn, unavailable_reason
 from .config import BLOCK_K, BLOCK_Q, MAX_HEAD_DIM, NATIVE_HEAD_DIMS
+from .op import sparge_attn_op  # registers torch.ops.spargeattn.sparge_attn (used under torch.compile)
 
 SUPPORTED_HEAD_DIMS = tuple(range(1, MAX_HEAD_DIM + 1))
 
@@ -17,6 +18,7 @@ __all__ = [
     "sparge_attn",
     "predict_block_mask",
     "block_sparse_attn",
+    "sparge_attn_op",
     "unavailable_reason",
     "default_pv_dtype",
     "BLOCK_Q",

@@ -330,7 +330,7 @@ def walk_options(head_dim: int, n_q: int, batch_heads: int) -> dict:
     return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"]}
 
 
-def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Optional[float], pv_dtype: str,
+def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Optional[Threshold], pv_dtype: str,
             out: Optional[torch.Tensor] = None):
     """Launch 7. Returns (out in q's layout and dtype, per-program skip counts or None, rows groups)."""
     if out is None:
@@ -345,17 +345,15 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
     bm = cfg["block_m"]
     sub = BLOCK_Q // bm
     pv_skip = pv_threshold is not None
-    if pv_skip:
-        pv_threshold = float(pv_threshold)
-        if not pv_threshold >= 0:
-            raise ValueError(f"pv_threshold must be >= 0 (log2 units) or None, got {pv_threshold}")
+    pv_val, pv_t = _threshold(pv_threshold, "pv_threshold", g, q.device, 0.0, math.inf) if pv_skip else (0.0, None)
     skip = torch.empty(g.b * g.h, g.nqb * sub, device=q.device, dtype=torch.int32) if pv_skip else cnt
     _attn_kernel[(g.nqb * sub, g.b * g.h)](
         buf["q8"], buf["qs"], buf["k8"], buf["ks"], buf["v8"], buf["vs"], lut, cnt, cnt_full, skip,
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad,
-        pv_threshold if pv_skip else 0.0, P_SCALE_LOG2,
-        BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CAUSAL=causal, PV_SKIP=pv_skip, FP8=pv_dtype == "fp8",
+        pv_t if pv_t is not None else cnt, pv_val, P_SCALE_LOG2,
+        BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CAUSAL=causal, PV_SKIP=pv_skip, PV_PER_HEAD=pv_t is not None,
+        FP8=pv_dtype == "fp8",
         INTERPRET=_interpreting(), PAIR=cfg["pair"], CLAMP=out.dtype == torch.float16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -400,7 +398,7 @@ def sparge_attn(
     mode: str = "cdf",
     cdf_threshold: Threshold = 0.98,
     sim_threshold: Optional[Threshold] = None,
-    pv_threshold: Optional[float] = None,
+    pv_threshold: Optional[Threshold] = None,
     topk: Threshold = 0.5,
     keep_ranges: Optional[Sequence[Tuple[int, int]]] = None,
     return_stats: bool = False,
@@ -429,7 +427,8 @@ def sparge_attn(
         for a group of 128 query rows (64 when D > 128) when every row's maximum score in that block
         is at least ``pv_threshold`` below its running maximum, i.e. every skipped probability is
         below ``2**-pv_threshold`` of the row's largest. 15 skips probabilities < 3e-5; None (default)
-        disables stage 2. The paper's lambda is ``-pv_threshold * ln 2``.
+        disables stage 2. The paper's lambda is ``-pv_threshold * ln 2``. Per head, ``inf`` turns the
+        skip off for that head.
     topk : fraction in [0, 1] of K blocks kept per Q block in "topk" mode, default 0.5.
     keep_ranges : up to 4 token ranges ``(start, end)``, end exclusive, whose Q-block rows and
         K-block columns are always computed (for example the text tokens of joint attention).
@@ -440,16 +439,34 @@ def sparge_attn(
         (relL1 ~0.013 vs ~0.04 on gaussian inputs), FP8 faster.
     out : optional preallocated output shaped like q (any strides); every element is written.
 
-    cdf_threshold, sim_threshold and topk each take a float or a tensor of H values (one per head).
+    cdf_threshold, sim_threshold, topk and pv_threshold each take a float or a tensor of H values
+    (one per query head).
 
     Non-finite inputs are never hidden: a NaN/Inf in Q makes that query's row NaN; in K, every row
     of that (batch, KV head) NaN; in V, that channel NaN in every row of the (batch, KV head).
     These are the rows and channels SDPA makes non-finite.
 
+    Under ``torch.compile`` the call goes through the custom op ``torch.ops.spargeattn.sparge_attn``
+    (see ``kernels/op.py``), which the compiler treats as one opaque node.
+
     Returns
     -------
     out, or ``(out, stats)`` with ``return_stats=True``.
     """
+    args = dict(layout=layout, scale=scale, causal=causal, mode=mode, cdf_threshold=cdf_threshold,
+                sim_threshold=sim_threshold, pv_threshold=pv_threshold, topk=topk, keep_ranges=keep_ranges,
+                return_stats=return_stats, pv_dtype=pv_dtype, out=out)
+    if _OP_CALL is not None and torch.compiler.is_compiling():
+        return _OP_CALL(q, k, v, **args)
+    return _sparge_attn(q, k, v, **args)
+
+
+#: set by ``kernels/op.py`` when it registers the custom op
+_OP_CALL = None
+
+
+def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_threshold, pv_threshold, topk,
+                 keep_ranges, return_stats, pv_dtype, out):
     g = _check(q, k, v, layout)
     scale = g.d**-0.5 if scale is None else float(scale)
     if sim_threshold is None:
@@ -503,7 +520,7 @@ def block_sparse_attn(
     layout: str = "HND",
     scale: Optional[float] = None,
     causal: bool = False,
-    pv_threshold: Optional[float] = None,
+    pv_threshold: Optional[Threshold] = None,
     return_stats: bool = False,
     pv_dtype: str = "auto",
     out: Optional[torch.Tensor] = None,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from .predict import _head_value
 from .quant import _to_fp8
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -130,10 +131,10 @@ def _pair(
 def _attn_kernel(
     Q8, QS, K8, KS, V8, VS, LUT, CNT, CNT_FULL, SKIP,
     O, osb, osh, osn, osd,
-    H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, pv_thr, p_offset,
+    H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, pv_ptr, pv_val, p_offset,
     BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
-    CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr,
-    PAIR: tl.constexpr, CLAMP: tl.constexpr,
+    CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, PV_PER_HEAD: tl.constexpr, FP8: tl.constexpr,
+    INTERPRET: tl.constexpr, PAIR: tl.constexpr, CLAMP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -143,6 +144,7 @@ def _attn_kernel(
     h = bh % H
     bhk = (b * (H // G) + h // G).to(tl.int64)
     bh64 = bh.to(tl.int64)
+    pv_thr = _head_value(pv_ptr, pv_val, h, PV_PER_HEAD)
 
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = tl.arange(0, BN)

@@ -327,9 +327,9 @@ def block_sparse_attention(
     Parameters
     ----------
     block_mask : (B, H, ceil(Nq/BLOCK_Q), ceil(Nk/BLOCK_K)) bool
-    pv_threshold : stage-2 threshold in log2 units (None: off). A group of ``rows_per_decision``
-        query rows skips P.V of a K block when every row's block maximum is at least
-        ``pv_threshold`` below its running maximum.
+    pv_threshold : stage-2 threshold in log2 units, a float or one per head (None: off). A group of
+        ``rows_per_decision`` query rows skips P.V of a K block when every row's block maximum is at
+        least ``pv_threshold`` below its running maximum.
     quant : None for exact arithmetic; ``"fp8"`` / ``"fp16"`` to emulate the kernel, which walks each
         row's kept blocks in ascending order (the blocks that need no element mask first, two at a
         time when ``pair`` and stage 2 is off; then the rest one by one) with the online softmax in
@@ -440,7 +440,9 @@ def block_sparse_attention(
             diff = torch.where(torch.isinf(m_loc) & (m_loc < 0), torch.full_like(m, -math.inf), m_loc - m)
             diff = torch.where(qvalid[None, None], diff, torch.full_like(m, -math.inf))
             dg = diff.reshape(b, h, nqb, groups, rows_per_decision).amax(-1)
-            skip = (dg <= -pv_threshold) & act
+            thr = torch.as_tensor(pv_threshold, dtype=dg.dtype, device=dev).reshape(-1)
+            thr = thr.expand(h) if thr.numel() == 1 else thr
+            skip = (dg <= -thr[None, :, None, None]) & act
             skipped += skip.to(skipped.dtype)
             upd = upd & ~skip.repeat_interleave(rows_per_decision, dim=-1)
         mu = safe(m_new)

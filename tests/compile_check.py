@@ -117,6 +117,7 @@ def drive(arch: int, full: bool):
             A.predict_block_mask(q, q, mode="topk")
     h = torch.randn(1, 2, 300, 128).half()  # fp16 output: the saturating store
     A.sparge_attn(h, h, h, pv_dtype=pvs[0])
+    A.sparge_attn(h, h, h, pv_dtype=pvs[0], pv_threshold=torch.tensor([4.0, float("inf")]))  # per-head lambda
 
 
 def main():

@@ -185,7 +185,7 @@ def test_sparse_matches_reference(pv, mode, causal):
 
 
 @pytest.mark.parametrize("pv", PV_PATHS)
-@pytest.mark.parametrize("thr", [3.0, 8.0])
+@pytest.mark.parametrize("thr", [3.0, 8.0, "per-head"])
 def test_stage2_skip(pv, thr):
     """The P.V skip: same decisions and output as the reference's emulation, the right counter, and
     an output change within the bound implied by the skipped probabilities."""
@@ -194,6 +194,8 @@ def test_stage2_skip(pv, thr):
     n = 1000 if not ON_GPU else 16384
     q, k, v = _local(1, 2, n, 64, gen)
     q, k = q * 1.5, k * 1.5  # sharper attention: far blocks become skippable
+    if thr == "per-head":  # head 0 skips at 4, head 1 never
+        thr = torch.tensor([4.0, float("inf")], device=DEV)
     mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0)
     # the same block-by-block walk with a threshold nothing reaches: differs only by the skips
     base = block_sparse_attn(q, k, v, mask, pv_dtype=pv, pv_threshold=1e9)
@@ -209,7 +211,10 @@ def test_stage2_skip(pv, thr):
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"seed={seed}"
     # each skipped block holds probabilities < 2^-thr of the running (<= final) row max; l >= 1 in
     # those units, so a row moves by at most 2*eps/(1-eps)*max|v| with eps = skipped*BLOCK_K*2^-thr.
-    eps = skipped.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n] * BLOCK_K * 2.0 ** -thr  # (B,H,N)
+    lam = torch.as_tensor(thr, dtype=torch.float64).reshape(-1).expand(2).to(skipped.device)[None, :, None]
+    if isinstance(thr, torch.Tensor):
+        assert float(stats["pv_skipped"][1]) == 0.0 and float(want[1]) == 0.0, f"head 1 must never skip, seed={seed}"
+    eps = skipped.repeat_interleave(BLOCK_Q, dim=2)[:, :, :n] * BLOCK_K * torch.exp2(-lam)  # (B,H,N)
     bound = 2 * eps / (1 - eps).clamp_min(1e-6) * v.abs().amax().float() + 2e-3
     moved = (out.float() - base.float()).abs().amax(-1)
     assert bool((moved <= bound.to(moved.device, moved.dtype)).all()), f"seed={seed}"
