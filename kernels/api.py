@@ -30,6 +30,10 @@ try:
     from .predict import _scores_kernel, _select_kernel
     from .quant import _colstats_kernel, _qk_prep_kernel, _v_prep_kernel
 
+    try:
+        from triton import knobs as _KNOBS
+    except ImportError:  # Triton < 3.4: no knobs, so no fast launch (the JIT path is used)
+        _KNOBS = None
     _TRITON_ERROR = None
 except ImportError as exc:  # the pack still loads; calls explain what is missing
     triton = None
@@ -188,6 +192,71 @@ def _ranges(keep_ranges: Optional[Sequence[Tuple[int, int]]]):
     return [x for r in rs for x in r]
 
 
+class _Fast:
+    """``_Fast(kernel)[grid](*args, **meta)`` launches like ``kernel[grid](*args, **meta)``, minus most of
+    Triton's per-launch Python (~25 us of host time per launch, which made Flux-size calls host-bound).
+
+    The first launch of each specialization goes through Triton's JIT, which compiles and returns
+    the compiled kernel; later launches call that kernel's launcher directly. The cache key holds
+    everything Triton 3.x specializes a compiled kernel on: per tensor its dtype and 16-byte
+    alignment; per int whether it is 1, a multiple of 16 and its integer width; the constexprs and
+    launch options by value. Any surprise from the launcher (another Triton's API) turns the fast
+    path off for the process and falls back to the JIT. Not used in the interpreter."""
+
+    enabled = True
+    cache: dict = {}
+    wrappers: dict = {}
+
+    @classmethod
+    def get(cls, fn) -> "_Fast":
+        w = cls.wrappers.get(fn)
+        if w is None:
+            w = cls.wrappers[fn] = cls(fn)
+        return w
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = list(fn.arg_names)
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launch(grid, args, meta)
+
+    @staticmethod
+    def _spec(a):
+        if isinstance(a, torch.Tensor):
+            return a.dtype, (a.data_ptr() & 15) == 0
+        if type(a) is int:
+            return a == 1, (a & 15) == 0, -0x80000000 <= a <= 0x7FFFFFFF
+        return type(a)
+
+    def launch(self, grid, args, meta):
+        fn = self.fn
+        if not _Fast.enabled or _KNOBS is None or _interpreting():
+            return fn[grid](*args, **meta)
+        dev = torch.cuda.current_device()
+        key = (fn, dev, tuple(meta.items()), tuple(map(_Fast._spec, args)))
+        hit = _Fast.cache.get(key)
+        if hit is None:
+            kernel = fn[grid](*args, **meta)
+            rest = self.names[len(args):]
+            if all(n in meta for n in rest) and all(
+                    hasattr(kernel, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
+                _Fast.cache[key] = (kernel, tuple(meta[n] for n in rest))
+            return kernel
+        kernel, tail = hit
+        full = args + tail
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+        stream = torch._C._cuda_getCurrentRawStream(dev)
+        enter, leave = _KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook
+        meta_l = kernel.launch_metadata(grid, stream, *full)  # None unless a profiler hooks launches
+        try:
+            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta_l, enter, leave, *full)
+        except (TypeError, AttributeError):  # a launcher this code does not know: argument parsing failed
+            _Fast.enabled = False
+            return fn[grid](*args, **meta)
+        return kernel
+
+
 def _launch_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
@@ -213,7 +282,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     f32 = torch.float32
     ksum = torch.empty(g.b * g.hk, nchunk, g.dp, device=dev, dtype=f32)
     vmax = torch.empty_like(ksum)
-    _colstats_kernel[(g.b * g.hk, nchunk)](
+    _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax,
         g.hk, g.nk, g.d, rows_per_chunk, nchunk,
         DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=4,
@@ -223,7 +292,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     buf["qs"] = torch.empty(g.b * g.h, g.nq_pad, device=dev, dtype=f32)
     buf["pool_q"] = torch.empty(g.b * g.h, g.nqb, g.dp, device=dev, dtype=f32)
     buf["sim_q"] = torch.empty(g.b * g.h, g.nqb, device=dev, dtype=f32)
-    _qk_prep_kernel[(g.nqb, g.b * g.h)](
+    _Fast.get(_qk_prep_kernel)[(g.nqb, g.b * g.h)](
         qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
         g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
         BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
@@ -233,7 +302,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     buf["ks"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
     buf["pool_k"] = torch.empty(g.b * g.hk, g.nkb, g.dp, device=dev, dtype=f32)
     buf["sim_k"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
-    _qk_prep_kernel[(g.nkb, g.b * g.hk)](
+    _Fast.get(_qk_prep_kernel)[(g.nkb, g.b * g.hk)](
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
         BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
@@ -246,7 +315,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         else:
             buf["v8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.float16)
         buf["vs"] = torch.empty(g.b * g.hk, g.dp, device=dev, dtype=f32)
-        _v_prep_kernel[(g.nkb, g.b * g.hk)](
+        _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](
             vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
             g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
             BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8,
@@ -280,12 +349,12 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         frac = _threshold(topk, "topk", g, dev, 0.0, 1.0)
         scores = torch.empty(rows, g.nqb, g.nkb, device=dev, dtype=torch.float32)
         tm = 64 if g.dp <= 128 else 32
-        _scores_kernel[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
+        _Fast.get(_scores_kernel)[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
             buf["pool_q"], buf["pool_k"], scores, g.h, g.h // g.hk, g.nqb, g.nkb, scale,
             DP=g.dp, TM=tm, TN=tm, PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=4,
         )
         mask_in, mstr = cnt, (0, 0, 0, 0)
-    _select_kernel[(g.nqb, rows)](
+    _Fast.get(_select_kernel)[(g.nqb, rows)](
         scores, buf["sim_q"], buf["sim_k"], mask_in, *mstr,
         lut, cnt, cnt_full, mask_out,
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk,
@@ -347,7 +416,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
     pv_skip = pv_threshold is not None
     pv_val, pv_t = _threshold(pv_threshold, "pv_threshold", g, q.device, 0.0, math.inf) if pv_skip else (0.0, None)
     skip = torch.empty(g.b * g.h, g.nqb * sub, device=q.device, dtype=torch.int32) if pv_skip else cnt
-    _attn_kernel[(g.nqb * sub, g.b * g.h)](
+    _Fast.get(_attn_kernel)[(g.nqb * sub, g.b * g.h)](
         buf["q8"], buf["qs"], buf["k8"], buf["ks"], buf["v8"], buf["vs"], lut, cnt, cnt_full, skip,
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad,
