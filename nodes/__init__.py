@@ -1,5 +1,7 @@
-"""ComfyUI glue of the pack: the node schema, the attention override, model adapters, statistics.
+"""ComfyUI glue of the pack: node schemas, the attention override, model adapters, statistics.
 
-``override``, ``adapters``, ``hilbert`` and ``stats`` import torch only (tests use them without
-ComfyUI); ``patch`` and ``entry`` import ComfyUI and are loaded by ComfyUI's node loader.
+Pure modules (torch only; tests use them without ComfyUI): ``override``, ``adapters``, ``hilbert``,
+``stats``, ``ui``, ``heatmap``, ``tune``, ``presets``, ``cogvideox``. Modules that import ComfyUI and
+are loaded by its node loader: ``patch``, ``entry``, ``sparsity_map``, ``tune_nodes``,
+``tuned_folder``, ``cogvideox_node``.
 """

@@ -44,6 +44,8 @@ KERNEL = "kernel unavailable"
 HEAD_DIM = "unsupported head dim"
 DTYPE = "unsupported dtype"
 LAYOUT = "token layout"
+UNTUNED = "layer not in the tuned thresholds"
+TUNING = "tuning (dense output, sparse probe)"
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,11 @@ class SpargeState:
         Injected kernel; by default ``kernels`` is imported on the first eligible call.
     node_id : str, optional
         The patch node's id in the workflow (names the node in logs and, later, in UI messages).
+    thresholds : presets.TunedThresholds, optional
+        Per-layer, per-head thresholds from a tuned file; they replace the config's τ/θ/λ/top-k, and
+        layers missing from the file stay dense.
+    tuner : tune.Tuner, optional
+        Tune mode: every eligible call returns the dense output and feeds one sparse probe to it.
 
     Attributes
     ----------
@@ -203,11 +210,13 @@ class SpargeState:
     """
 
     def __init__(self, config: SpargeConfig, family: str = UNKNOWN, kernel: KernelAPI | None = None,
-                 node_id: str | None = None):
+                 node_id: str | None = None, thresholds=None, tuner=None):
         self.config = config
         self.family = family
         self.kernel = kernel
         self.node_id = node_id
+        self.thresholds = thresholds
+        self.tuner = tuner
         self.step_listeners: list[Callable[[StepStats], None]] = []
         if config.verbose:
             self.step_listeners.append(lambda step: self._log(step.summary_line()))
@@ -256,6 +265,8 @@ class SpargeState:
         return run
 
     def _flush_step(self) -> None:
+        if self.tuner is not None:
+            self.tuner.end_eval()
         if self.eval is None or not self._step:
             return
         step = self._step.flush(len(self.run.steps), self.eval.sigma)
@@ -310,6 +321,8 @@ class SpargeState:
             self.log_once("no-block-index", "this model reports no block index; dense_blocks is ignored")
         elif block in c.dense_blocks:
             return Dense(DENSE_BLOCK, f"{options.get('block_type', 'block')} block {block}")
+        if self.thresholds is not None and self.layer_key(options) not in self.thresholds.layers:
+            return Dense(UNTUNED, self.layer_key(options))
         if view.n_q < c.min_tokens:
             return Dense(MIN_TOKENS, f"{view.n_q} < {c.min_tokens}")
         device = self._device_reason(view.q.device)
@@ -328,9 +341,47 @@ class SpargeState:
         self._step.add_dense(reason.category)
         self.log_once(str(reason), f"dense attention: {reason}")
 
+    def layer_key(self, options: dict) -> str:
+        """The call's layer name: ``"double.3"``, or ``"call.N"`` (N-th sparse call of the evaluation)
+        for models that report no block index."""
+        block = options.get("block_index")
+        if block is not None:
+            return f"{options.get('block_type', 'block')}.{block}"
+        return f"call.{(self.eval or EvalContext()).calls}"
+
     def run_sparse(self, view: CallView, layout: TokenLayout, options: dict, scale) -> torch.Tensor:
         """Run the kernel on an eligible call; returns the output in ``view.layout``."""
         ctx = self.eval or EvalContext()
+        key = self.layer_key(options)
+        if self.thresholds is not None:
+            kernel_options = self.thresholds.kernel_options(key, view.heads, view.q.device)
+        else:
+            kernel_options = self.config.kernel_options()
+        out, stats = self._kernel_call(view, layout, scale, kernel_options)
+        ctx.calls += 1
+        self._step.add_sparse(key, stats["density"], stats["pv_skipped"])
+        self.log_once(f"sparse {view.layout} {view.n_q} {layout.keep_ranges}",
+                      f"sparse attention: {view.n_q} tokens, {view.heads} heads x {view.head_dim}, "
+                      f"layout {view.layout}, always computed {list(layout.keep_ranges)}, "
+                      f"token order {self.config.token_order}")
+        return out
+
+    def tune(self, view: CallView, layout: TokenLayout, kwargs: dict, ref: torch.Tensor,
+             skip_output_reshape: bool) -> None:
+        """Tune mode: run this evaluation's probe for the call's layer and hand its error against the
+        dense output ``ref`` (what the model gets) to the tuner. Counted as a dense call."""
+        options = kwargs.get("transformer_options") or {}
+        ctx = self.eval or EvalContext()
+        key = self.layer_key(options)
+        probe = self.tuner.options(key, view.heads, view.head_dim, view.q.device)
+        out, stats = self._kernel_call(view, layout, kwargs.get("scale"), probe)
+        ctx.calls += 1
+        self.tuner.note_grid(ctx.grid)
+        self.tuner.observe(key, output_layout(out, view, skip_output_reshape), ref, skip_output_reshape, stats)
+        self.count_dense(Dense(TUNING))
+
+    def _kernel_call(self, view: CallView, layout: TokenLayout, scale, kernel_options: dict):
+        """The kernel on q, k, v (in the configured token order); (output in ``view.layout``, stats)."""
         q, k, v = view.q, view.k, view.v
         inverse = None
         if self.config.token_order == "hilbert" and layout.grid is not None:
@@ -339,18 +390,10 @@ class SpargeState:
             q, k, v = (t.index_select(view.token_dim, perm) for t in (q, k, v))
         out, stats = self.kernel.attn(
             q, k, v, layout=view.layout, scale=scale, keep_ranges=list(layout.keep_ranges) or None,
-            return_stats=True, **self.config.kernel_options())
+            return_stats=True, **kernel_options)
         if inverse is not None:
             out = out.index_select(view.token_dim, inverse)
-        block = options.get("block_index")
-        key = f"{options.get('block_type', 'block')}.{block}" if block is not None else f"call.{ctx.calls}"
-        ctx.calls += 1
-        self._step.add_sparse(key, stats["density"], stats["pv_skipped"])
-        self.log_once(f"sparse {view.layout} {view.n_q} {layout.keep_ranges}",
-                      f"sparse attention: {view.n_q} tokens, {view.heads} heads x {view.head_dim}, "
-                      f"layout {view.layout}, always computed {list(layout.keep_ranges)}, "
-                      f"token order {self.config.token_order}")
-        return out
+        return out, stats
 
 
 class SpargeOverride:
@@ -394,6 +437,10 @@ class SpargeOverride:
         if isinstance(decision, Dense):
             state.count_dense(decision)
             return dense()
+        if state.tuner is not None:
+            ref = dense()
+            state.tune(view, decision, kwargs, ref, skip_output_reshape)
+            return ref
         out = state.run_sparse(view, decision, kwargs.get("transformer_options") or {}, kwargs.get("scale"))
         return output_layout(out, view, skip_output_reshape)
 

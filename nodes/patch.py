@@ -23,9 +23,12 @@ import comfy.model_management
 import comfy.patcher_extension
 from comfy_api.latest import io
 
+from . import tuned_folder
 from .adapters import UNKNOWN, latent_grid, model_family
 from .override import (MODES, TOKEN_ORDERS, KernelAPI, SpargeConfig, SpargeState, install, load_kernel,
                        parse_dense_blocks)
+from .presets import model_signature
+from .ui import report_to_browser
 
 KEY = "spargeattn"
 
@@ -36,7 +39,8 @@ def _sigma(t) -> float:
 
 
 def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
-                 kernel: KernelAPI | None = None, node_id: str | None = None, **options):
+                 kernel: KernelAPI | None = None, node_id: str | None = None, thresholds=None, tuner=None,
+                 **options):
     """Clone ``model`` (a ComfyUI ModelPatcher) with SpargeAttn installed.
 
     Parameters
@@ -50,6 +54,10 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
         A kernel to use instead of ``kernels`` (tests).
     node_id : str, optional
         The node's id in the workflow, for logs.
+    thresholds : presets.TunedThresholds, optional
+        Tuned per-layer, per-head thresholds (checked against the model's shape here).
+    tuner : tune.Tuner, optional
+        Tune mode (the "SpargeAttn Tune" node).
     **options
         The remaining :class:`~.override.SpargeConfig` fields (mode, topk, ...).
 
@@ -67,7 +75,9 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
                           dense_blocks=parse_dense_blocks(dense_blocks), **options)
     diffusion_model = model.get_model_object("diffusion_model")
     family = model_family(diffusion_model)
-    state = SpargeState(config, family, kernel, node_id)
+    if thresholds is not None:
+        thresholds.check_model(model_signature(diffusion_model, family))
+    state = SpargeState(config, family, kernel, node_id, thresholds, tuner)
 
     def on_prepare_state(patcher, timestep, model_options=None, *_):
         state.begin_step(_sigma(timestep))
@@ -99,6 +109,7 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
     patched.add_callback_with_key(cb.ON_PREPARE_STATE, KEY, on_prepare_state)
     patched.add_callback_with_key(cb.ON_CLEANUP, KEY, lambda patcher: state.end_run())
     patched.add_wrapper_with_key(wr.APPLY_MODEL, KEY, apply_model_wrapper)
+    patched.set_attachments(KEY, state)  # found again by the "SpargeAttn Sparsity Map" node
     if family == UNKNOWN and config.protect_text:
         logging.warning("SpargeAttn Patch: the token order of %s is unknown to this pack; joint text+image "
                         "attention stays dense (turn protect_text off to make it sparse without text "
@@ -134,10 +145,11 @@ class SpargeAttnPatch(io.ComfyNode):
             description=(
                 "Sparse + quantized attention (SpargeAttn in Triton) for Flux, Wan 2.1/2.2 and HunyuanVideo. "
                 "For each 128-query block it predicts which 64-key blocks matter and computes only those, "
-                "with INT8 Q·Kᵀ. The gain grows with sequence length: the reference SpargeAttn kernel on an "
-                "H100 ran Wan 2.1 480p x 81 frames (32 760 tokens) attention 1.96x faster than dense at "
-                "top-k 0.5 (relative L1 error 0.032), but Flux 1024² (4 608 tokens) 2-3x slower, hence "
-                "min_tokens. Cross-attention, masked attention, short sequences, the first steps and the "
+                "with INT8 Q·Kᵀ and FP8 P·V. The gain grows with sequence length. Measured on an H100 "
+                "(random weights, top-k 0.5): attention 2.0x faster than dense SDPA at Wan 480p x 81 frames "
+                "(32 760 tokens), a whole Wan 2.1-1.3B step 1.48x, HunyuanVideo 720p 1.79x; but Flux 1024² "
+                "(4 608 tokens) attention 0.5x (slower), hence min_tokens. "
+                "Cross-attention, masked attention, short sequences, the first steps and the "
                 "dense blocks stay dense; verbose logs why. Needs an NVIDIA GPU (sm80+) and Triton; "
                 "elsewhere the model runs dense. To undo: bypass this node (Ctrl+B) or remove it."),
             inputs=[
@@ -147,9 +159,9 @@ class SpargeAttnPatch(io.ComfyNode):
                                        "(predictable speed; the upstream recommendation). cdf: as many as needed "
                                        "to cover tau of the predicted attention mass (adapts per head)."),
                 _slider(io.Float, "topk", "top-k", 0.5, 0.05, 1.0, 0.01,
-                        "mode topk: fraction of key blocks each query block computes. 0.5 halves the "
-                        "attention work (reference kernel, Wan 480p on H100: 1.96x, relL1 0.032); 0.3: "
-                        "2.9x, relL1 0.041; 0.15: 4.3x, relL1 0.063; 1.0 computes every block."),
+                        "mode topk: fraction of key blocks each query block computes. Wan 480p attention on "
+                        "an H100 vs dense SDPA: 0.5 -> 2.0x, 0.15 -> 5.6x, 1.0 (every block, quantization "
+                        "only) -> 1.0x; a whole Wan 2.1-1.3B step: 0.5 -> 1.48x, 0.3 -> 1.75x."),
                 _slider(io.Float, "cdf_threshold", "τ (cdf)", 0.98, 0.5, 1.0, 0.005,
                         "mode cdf: keep the most likely key blocks until their predicted attention mass "
                         "reaches tau. 0.98 is the upstream default; lower is sparser, 1.0 keeps all."),
@@ -175,9 +187,9 @@ class SpargeAttnPatch(io.ComfyNode):
                                         "upstream tuned CogVideoX-2B parameters, blocks 0 and 1 kept only 9 "
                                         "and 13 of 30 heads sparse."),
                 _slider(io.Int, "min_tokens", "minimum tokens", 12288, 0, 262144, 256,
-                        "Shorter sequences stay dense: below ~12K tokens the block prediction costs more "
-                        "than it saves (reference: 2-3x slower than dense at 4 608 tokens, 1.7x faster "
-                        "at 17 776)."),
+                        "Shorter sequences stay dense: below ~12K tokens prediction and launch costs eat "
+                        "the savings (H100, top-k 0.5 vs dense SDPA: 0.53x at 4 608 tokens, 1.8x at "
+                        "17 776, 2.0x at 32 760)."),
                 io.Boolean.Input("protect_text", display_name="protect text tokens", default=True,
                                  tooltip="Always compute text tokens (as queries and as keys) in joint "
                                          "attention (Flux, HunyuanVideo): 512 of 4 608 tokens in Flux 1024², at most "
@@ -192,6 +204,13 @@ class SpargeAttnPatch(io.ComfyNode):
                 io.Boolean.Input("verbose", default=False,
                                  tooltip="Log each reason for dense attention once per run, one statistics "
                                          "line per step (density, P·V skipped, dense calls) and a run summary."),
+                io.Combo.Input("tuned", display_name="tuned thresholds", options=tuned_folder.choices(),
+                               default=tuned_folder.NONE,
+                               tooltip="Per-layer, per-head thresholds found by 'SpargeAttn Tune' and written by "
+                                       "'SpargeAttn Save Tuned' (models/spargeattn). A file replaces mode, token "
+                                       "order and the τ, θ, λ and top-k sliders with its own values; layers it "
+                                       "does not list stay dense. A file tuned for another model is refused. "
+                                       "none: use the sliders."),
             ],
             outputs=[io.Model.Output(tooltip="The model with SpargeAttn attention.")],
             hidden=[io.Hidden.unique_id],
@@ -199,14 +218,20 @@ class SpargeAttnPatch(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, topk, cdf_threshold, sim_threshold, pv_threshold, start_percent,
-                end_percent, dense_blocks, min_tokens, protect_text, token_order, verbose) -> io.NodeOutput:
+                end_percent, dense_blocks, min_tokens, protect_text, token_order, verbose,
+                tuned=tuned_folder.NONE) -> io.NodeOutput:
+        thresholds = tuned_folder.load(tuned)
+        if thresholds is not None:
+            mode, token_order = thresholds.mode, thresholds.token_order
+            logging.info("SpargeAttn Patch: tuned thresholds from %s: %s", thresholds.source, thresholds.summary())
         problem = kernel_problem()
         if problem is not None:
             logging.warning("SpargeAttn Patch: the sparse kernel cannot run here (%s); the model will "
                             "use dense attention.", problem)
-        patched, _ = apply_sparge(
+        patched, state = apply_sparge(
             model, start_percent=start_percent, end_percent=end_percent, dense_blocks=dense_blocks,
             node_id=cls.hidden.unique_id, mode=mode, topk=topk, cdf_threshold=cdf_threshold,
             sim_threshold=sim_threshold, pv_threshold=pv_threshold, min_tokens=min_tokens,
-            protect_text=protect_text, token_order=token_order, verbose=verbose)
+            protect_text=protect_text, token_order=token_order, verbose=verbose, thresholds=thresholds)
+        report_to_browser(patched, state, KEY)
         return io.NodeOutput(patched)

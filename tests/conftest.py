@@ -34,6 +34,9 @@ def _load_pack():
 
 
 _load_pack()
+# Import the kernels now, while TRITON_INTERPRET is set: Triton decides interpreter or compiler when
+# the kernels are defined, and a test that unsets the variable later must not change that.
+importlib.import_module(PACK + ".kernels")
 
 
 def pytest_report_header(config):
