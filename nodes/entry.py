@@ -2,14 +2,17 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .cogvideox_node import SpargeAttnCogVideoX
 from .patch import SpargeAttnPatch
+from .sparsity_map import SpargeAttnSparsityMap
+from .tune_nodes import SpargeAttnSaveTuned, SpargeAttnTune
 
 
 class SpargeAttnExtension(ComfyExtension):
     """Nodes of the SpargeAttn pack."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SpargeAttnPatch]
+        return [SpargeAttnPatch, SpargeAttnSparsityMap, SpargeAttnCogVideoX, SpargeAttnTune, SpargeAttnSaveTuned]
 
 
 async def get_extension() -> SpargeAttnExtension:
