@@ -113,6 +113,44 @@ def split_ms(q, k, v, topk: float, pv: str):
     return t_prep, t_pred, t_attn
 
 
+def overhead(q, k, v, kw: dict):
+    """(kernel launches per call, host microseconds per call, eager ms, CUDA-graph replay ms).
+
+    Launches are counted with the torch profiler. Host time is the wall time to enqueue calls while
+    the GPU is held busy (nothing waits on the GPU). The graph replays the same launches without
+    Python, so eager ms minus replay ms is what the host costs when the GPU waits for it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f = lambda: sparge_attn(q, k, v, **kw)  # noqa: E731
+    f()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            f()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = len(kernels) / 5
+    import time
+
+    reps = 50
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the host never waits below
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        f()
+    host_us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        f()
+    t_graph = bench_ms(graph.replay)
+    return launches, host_us, bench_ms(f), t_graph
+
+
 def run_gpu(names, pv_paths, with_sage: bool, lines: list):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -130,6 +168,7 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list):
     lines += [f"# SpargeAttn kernel benchmark", "", head, ""]
     lines += ["| shape | input | setting | P·V | time ms | × cuDNN | density | relL1 | prep / predict / attn ms | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
+    overheads = []
     for name in names:
         q, k, v = make_inputs(name)
         kind = SHAPES[name][5]
@@ -172,8 +211,19 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list):
                 lines.append(f"| {LABEL[name]} | gauss | ours full | {pv} | — | — | 1 | {ref_rel_l1(o, gq, gk, gv):.4f} | — | — |")
                 print(lines[-1], flush=True)
             del gq, gk, gv
+        if name == "flux":
+            for label, topk in SETTINGS[:2]:
+                kw = dict(mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv_paths[0])
+                launches, host_us, t_eager, t_graph = overhead(q, k, v, kw)
+                overheads.append(f"| {LABEL[name]} | ours {label} | {launches:.0f} | {host_us:.0f} | {t_eager:.3f} | "
+                                 f"{t_graph:.3f} | {t_sdpa / t_graph:.2f}× |")
+                print(overheads[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
+    if overheads:
+        lines += ["", "Host overhead (eager call vs the same launches replayed from a CUDA graph):", "",
+                  "| shape | setting | GPU kernels / call | host µs / call | eager ms | graph replay ms | replay × cuDNN |",
+                  "|---|---|---|---|---|---|---|"] + overheads
     return lines
 
 
