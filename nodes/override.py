@@ -414,6 +414,10 @@ class SpargeOverride:
     def __deepcopy__(self, memo):
         return self
 
+    # torch.compile (ComfyUI's TorchCompileModel) must not trace into this: it would guard on the
+    # per-step state and recompile every step, or, with guards filtered, freeze the first step's
+    # decisions. Disabled here, every call makes a graph break and runs eagerly, deciding afresh.
+    @torch.compiler.disable
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None,
                  skip_reshape=False, skip_output_reshape=False, **kwargs):
         state = self.state

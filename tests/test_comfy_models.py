@@ -167,3 +167,55 @@ def test_chaining_with_overrides_installed_before_and_after(comfy, models):
     # the calls we leave dense (cross-attention) go through the later override, then the earlier one.
     assert len(kernel.calls) == 4 and after == [8] * 4 and before == [8] * 4
     assert state.last_run.totals()["dense_calls"] == {override.CROSS: 4}
+
+
+def _compiled(model):
+    """What ComfyUI's TorchCompileModel node does, with the aot_eager backend instead of inductor
+    (no C++ compiler in tests): Dynamo traces, guards and recompiles exactly as with inductor."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+
+    m = model.clone()
+    set_torch_compile_wrapper(model=m, backend="aot_eager", options={"guard_filter_fn": skip_torch_compile_dict},
+                              keys=["diffusion_model"])
+    return m
+
+
+def _graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_torch_compile_model_node_keeps_every_per_step_decision(comfy, models):
+    """With ComfyUI's TorchCompileModel our override must not be traced: Dynamo would guard on the
+    per-step state and recompile every step (until its recompile limit), or, with the guards on
+    transformer_options filtered, freeze the first step's decisions (sigma window, statistics)."""
+    override, _ = comfy
+    latent = latent_for("wan")
+    torch._dynamo.reset()
+    g0 = _graphs()
+    sample(_compiled(models["wan"]), "wan", latent, steps=4)
+    unpatched_graphs = _graphs() - g0
+
+    kernel_eager, kernel_comp = RecordingKernel(override), RecordingKernel(override)
+    eager, s_eager = patch(comfy, models["wan"], kernel_eager, start_percent=0.5, dense_blocks="1")
+    comp, s_comp = patch(comfy, models["wan"], kernel_comp, start_percent=0.5, dense_blocks="1")
+    comp = _compiled(comp)
+    torch._dynamo.reset()
+    g0 = _graphs()
+    out_eager = sample(eager, "wan", latent, steps=4)
+    out_comp = sample(comp, "wan", latent, steps=4)
+    first_run_graphs = _graphs() - g0
+    torch.testing.assert_close(out_comp, out_eager, atol=1e-4, rtol=1e-4)
+    assert len(kernel_comp.calls) == len(kernel_eager.calls) > 0
+    for a, b in zip(s_comp.last_run.steps, s_eager.last_run.steps):
+        assert (a.sparse_calls, a.dense_calls) == (b.sparse_calls, b.dense_calls)
+    # one graph per piece between attention calls, compiled once: not one set per step
+    assert first_run_graphs <= 4 * unpatched_graphs + 8, (first_run_graphs, unpatched_graphs)
+    # a second run through the same compiled model compiles nothing and still decides per call
+    g1 = _graphs()
+    sample(comp, "wan", latent, steps=4)
+    assert _graphs() == g1
+    assert len(kernel_comp.calls) == 2 * len(kernel_eager.calls)
+    assert len(s_comp.last_run.steps) == 4
