@@ -216,7 +216,8 @@ class _Fast:
 
     def __init__(self, fn):
         self.fn = fn
-        self.names = list(fn.arg_names)
+        names = getattr(fn, "arg_names", None)  # None: not a JITFunction (e.g. tests/compile_check.py)
+        self.names = list(names) if names is not None else None
 
     def __getitem__(self, grid):
         return lambda *args, **meta: self.launch(grid, args, meta)
@@ -231,7 +232,7 @@ class _Fast:
 
     def launch(self, grid, args, meta):
         fn = self.fn
-        if not _Fast.enabled or _KNOBS is None or _interpreting():
+        if not _Fast.enabled or self.names is None or _KNOBS is None or _interpreting():
             return fn[grid](*args, **meta)
         dev = torch.cuda.current_device()
         key = (fn, dev, tuple(meta.items()), tuple(map(_Fast._spec, args)))
