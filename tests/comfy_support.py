@@ -6,8 +6,15 @@ Nothing here imitates ComfyUI: models are built from ComfyUI's own model classes
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -26,6 +33,52 @@ def require_comfy():
     from comfy.cli_args import args
 
     args.cpu = args.cpu or not torch.cuda.is_available()
+
+
+def http_get(url: str):
+    """GET ``url`` and decode its JSON body."""
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.load(r)
+
+
+def http_post(url: str, payload: dict):
+    """POST ``payload`` as JSON; returns (HTTP status, decoded body), also for error statuses."""
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@contextlib.contextmanager
+def comfy_server(base, env: dict | None = None, timeout_s: float = 180):
+    """Run ComfyUI's own ``main.py`` (CPU, in-memory database) with ``base`` as its base directory on
+    a free local port; yields the server's URL. Its log goes to ``base/server.log``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(os.path.join(base, "server.log"), "w")
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+         str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                http_get(url + "/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, ValueError):
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"ComfyUI did not start; log in {os.path.join(base, 'server.log')}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 # Constructor arguments per (kind, size) besides those shared by every size (see build_model).

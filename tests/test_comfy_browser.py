@@ -17,9 +17,6 @@ small enough to ship. Skipped, with the reason, without COMFYUI_PATH, Selenium o
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_support import build_model, require_comfy
+from comfy_support import build_model, comfy_server, http_get as _get, http_post as _post, require_comfy
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -35,17 +32,6 @@ PACK_DIR = "ComfyUI-SpargeAttn"
 MODEL_FILE = "spargeattn_tiny_wan.safetensors"
 STEPS = 4
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.load(r)
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return r.status
 
 
 @pytest.fixture(scope="module")
@@ -61,33 +47,11 @@ def server(tmp_path_factory):
     (base / "models" / "diffusion_models").mkdir(parents=True)
     weights = build_model("wan").model.diffusion_model.state_dict()
     save_file({k: v.contiguous() for k, v in weights.items()}, str(base / "models" / "diffusion_models" / MODEL_FILE))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(base / "server.log", "w")
-    env = dict(os.environ, TRITON_INTERPRET="1")  # the kernel runs on the CPU, in Triton's interpreter
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-        cwd=os.environ["COMFYUI_PATH"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _get(url + "/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, ValueError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start; log in {base / 'server.log'}")
-                time.sleep(1)
+    # the kernel runs on the CPU, in Triton's interpreter
+    with comfy_server(base, {"TRITON_INTERPRET": "1"}) as url:
         # no first-run template browser over the canvas
         _post(url + "/settings", {"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": False})
         yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,37 +7,16 @@ the wrapper's download loader never reaches the network. Skipped, with the reaso
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from comfy_support import COMFYUI_PATH, cogvideox_wrapper_path, ui_to_api
+from comfy_support import cogvideox_wrapper_path, comfy_server, http_get as _get, http_post as _post, ui_to_api
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / "workflows").glob("cogvideox_*.json"))
 TEXT_ENCODER = "t5xxl_fp16.safetensors"  # what the workflows' CLIPLoader names (an empty placeholder here)
 UNET = "placeholder_unet.safetensors"
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.load(r)
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +30,8 @@ def server(tmp_path_factory):
     for folder, name in (("text_encoders", TEXT_ENCODER), ("diffusion_models", UNET)):
         (base / "models" / folder).mkdir(parents=True)
         (base / "models" / folder / name).write_bytes(b"")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(base / "server.log", "w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _get(url + "/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, ValueError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start; log in {base / 'server.log'}")
-                time.sleep(1)
+    with comfy_server(base, {"HF_HUB_OFFLINE": "1"}) as url:
         yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_pack_and_wrapper_load_and_the_node_takes_the_wrapper_model(server):

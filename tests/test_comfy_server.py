@@ -7,37 +7,16 @@ so the queue is cleared right after.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from comfy_support import COMFYUI_PATH, require_comfy, ui_to_api
+from comfy_support import comfy_server, http_get as _get, http_post as _post, require_comfy, ui_to_api
 
 ROOT = Path(__file__).resolve().parent.parent
 # The CogVideoX workflow needs kijai's wrapper on the server: tests/test_comfy_cogvideox.py checks it.
 WORKFLOWS = sorted(p for p in (ROOT / "workflows").glob("*.json") if not p.name.startswith("cogvideox_"))
 PACK_DIR = "ComfyUI-SpargeAttn"
-
-
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.load(r)
-
-
-def _post(url, payload):
-    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def _model_names(workflows):
@@ -63,30 +42,8 @@ def server(tmp_path_factory):
     for folder, name in _model_names(WORKFLOWS):
         (base / "models" / folder).mkdir(parents=True, exist_ok=True)
         (base / "models" / folder / name).write_bytes(b"")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-         str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                _get(url + "/system_stats")
-                break
-            except (urllib.error.URLError, ConnectionError, ValueError):
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"ComfyUI did not start; log in {base / 'server.log'}")
-                time.sleep(1)
+    with comfy_server(base) as url:
         yield url, base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_pack_loads_through_the_custom_node_loader(server):
