@@ -55,16 +55,9 @@ if not torch.cuda.is_available():
 
 PACK = "sparge_pack"
 TEXT = 226
-# The node's settings for every patched configuration; only top-k and the token order vary.
-COMMON = dict(mode="topk", start_percent=0.0, end_percent=1.0, dense_blocks="", min_tokens=0, sim_threshold=-1.0,
-              pv_threshold=0.0, protect_text=True, token_order="row-major", verbose=False)
-CONFIGS = {
-    "unpatched": None,
-    "full": dict(topk=1.0),
-    "topk0.5": dict(topk=0.5),
-    "topk0.3": dict(topk=0.3),
-    "topk0.5-hilbert": dict(topk=0.5, token_order="hilbert"),
-}
+sys.path.insert(0, ROOT)
+from bench.bench_e2e import COMMON, CONFIGS  # noqa: E402  (the same node settings as the ComfyUI benchmark)
+
 # Full size: 720x480, 49 frames, cond + uncond. Tiny: 96x64, 9 frames, 2 layers x 2 heads, text width 32.
 SIZES = {
     False: dict(latent=(2, 13, 16, 60, 90), pixels=(480, 720), config={}, text_dim=4096),
