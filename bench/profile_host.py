@@ -27,6 +27,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--topk", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=35, help="rows of the profile to print")
+    ap.add_argument("--kernels", action="store_true", help="only print GPU time per kernel (torch profiler)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (host launch overhead does not exist in the interpreter)")
@@ -36,6 +37,22 @@ def main(argv=None):
     for _ in range(3):
         f()
     torch.cuda.synchronize()
+    if a.kernels:
+        from torch.profiler import ProfilerActivity, profile
+
+        reps = 10
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                f()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                per[e.name] = per.get(e.name, 0.0) + e.device_time / reps
+        for name, us in sorted(per.items(), key=lambda x: -x[1]):
+            print(f"{us:10.1f} us  {name[:90]}")
+        print(f"{sum(per.values()):10.1f} us  total GPU time per call ({a.shape}, top-k {a.topk})")
+        return 0
     torch.cuda._sleep(int(4e9))
     t0 = time.perf_counter()
     for _ in range(a.calls):
