@@ -272,6 +272,12 @@ class _Null:
         return False
 
 
+#: Warps per program of the preparation kernels, measured on an H100 (bench/NOTES.md #12): fewer warps
+#: per program are faster here (more programs resident per SM, shorter cross-warp reductions).
+#: "k64": K blocks at padded head dim 64. Benchmarks may change them.
+PREP_WARPS = {"colstats": 2, "q": 4, "k": 2, "k64": 1, "v": 2}
+
+
 def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     """Launches 1-4. Returns a dict of the prepared buffers (V parts only when ``v`` is given)."""
     dev = q.device
@@ -286,7 +292,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
     _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax,
         g.hk, g.nk, g.d, rows_per_chunk, nchunk,
-        DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=4,
+        DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=PREP_WARPS["colstats"],
     )
     buf = {}
     buf["q8"] = torch.empty(g.b * g.h, g.nq_pad, g.dp, device=dev, dtype=torch.int8)
@@ -297,7 +303,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
         g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
         BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
-        num_warps=8,
+        num_warps=PREP_WARPS["q"],
     )
     buf["k8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.int8)
     buf["ks"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
@@ -307,7 +313,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
         BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
-        num_warps=4,
+        num_warps=PREP_WARPS["k64" if g.dp <= 64 else "k"],
     )
     if v is not None:
         fp8 = pv_dtype == "fp8"
@@ -320,7 +326,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
             vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
             g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
             BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8,
-            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, num_warps=4,
+            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, num_warps=PREP_WARPS["v"],
         )
     return buf
 
