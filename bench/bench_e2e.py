@@ -249,7 +249,17 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
         patched, state = model.clone(), None
     else:
         patched, state = apply_sparge(model, **{**COMMON, **options})
-    timer.attach(patched)
+    if args.compile:
+        # what ComfyUI's TorchCompileModel node does; no attention timer then (it would add graph breaks
+        # around the unpatched model's attention)
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        from comfy_extras.nodes_torch_compile import skip_torch_compile_dict
+
+        torch._dynamo.reset()
+        set_torch_compile_wrapper(model=patched, backend=args.compile,
+                                  options={"guard_filter_fn": skip_torch_compile_dict})
+    else:
+        timer.attach(patched)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out, seconds, attention = sample_timed(patched, spec, latent, args.warmup + args.steps, timer, device)
@@ -258,7 +268,7 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
         "s_per_step": statistics.median(s for s, _ in timed),
         "step_s": seconds,
         "attention_ms": attention,
-        "attention_share": statistics.median(a / 1e3 / s for s, a in timed),
+        "attention_share": None if args.compile else statistics.median(a / 1e3 / s for s, a in timed),
         "finite": bool(torch.isfinite(out).all()),
     }
     if device.type == "cuda":
@@ -285,7 +295,7 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
 def describe(name: str, rec: dict) -> str:
     """The console line of one configuration (dense calls by reason, so a silent fallback shows)."""
     line = (f"  {name:>16}: {rec['s_per_step']:.3f} s/step (steps " + " ".join(f"{s:.3f}" for s in rec["step_s"])
-            + f"), attention {100 * rec['attention_share']:.1f}% of the step")
+            + f"), attention {fmt(rec['attention_share'] and 100 * rec['attention_share'], '.1f', '%')} of the step")
     if "rel_l1" in rec:
         line += f", vs unpatched relL1 {rec['rel_l1']:.3g} cosine {rec['cosine']:.6f} RMSE {rec['rmse']:.3g}"
     if "density" in rec:
@@ -389,7 +399,10 @@ def render(results: dict) -> str:
     lines = [f"# End-to-end seconds per step in ComfyUI ({meta['device']})", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, ComfyUI {meta['comfyui']}, "
              f"default attention `{meta['attention']}`; {meta['dtype']} random weights, batch 1, cfg 1, euler/simple; "
-             "seconds per step = median of the timed steps after the warm-up step(s) of each run.", "",
+             "seconds per step = median of the timed steps after the warm-up step(s) of each run."
+             + (f" Every configuration compiled with torch.compile (backend {meta['compile']}) the way ComfyUI's "
+                "TorchCompileModel node does it; attention share not measured then." if meta.get("compile") else ""),
+             "",
              f"Command: `{meta['command']}`", "",
              "| model | unpatched s/step | full | top-k 0.5 | top-k 0.3 | speed-up at 0.5 | attention share | "
              "relL1 full |", "|---|---|---|---|---|---|---|---|"]
@@ -401,7 +414,8 @@ def render(results: dict) -> str:
 
         base, half = c.get("unpatched", {}).get("s_per_step"), c.get("topk0.5", {}).get("s_per_step")
         speed = fmt(base / half if base and half else None, ".2f", "×")
-        share = fmt(100 * c["unpatched"]["attention_share"] if "unpatched" in c else None, ".0f", "%")
+        share = fmt(100 * c["unpatched"]["attention_share"] if c.get("unpatched", {}).get("attention_share") is not None
+                    else None, ".0f", "%")
         lines.append(f"| {row['label']} ({row['tokens']} tok) | {s('unpatched')} | {s('full')} | {s('topk0.5')} | "
                      f"{s('topk0.3')} | {speed} | {share} | {fmt(c.get('full', {}).get('rel_l1'), '.3g')} |")
     lines += ["", "Attention share: of the unpatched step. Speed-up targets at top-k 0.5 (issue 7): "
@@ -411,11 +425,11 @@ def render(results: dict) -> str:
               "dense calls/step | relL1 | cosine | RMSE | peak GiB |", "|" + "---|" * 13]
     for row in results["models"].values():
         for name, rec in row["configs"].items():
-            attn = statistics.median(rec["attention_ms"][row["warmup"]:])
+            attn = None if rec["attention_share"] is None else statistics.median(rec["attention_ms"][row["warmup"]:])
             dense = ", ".join(f"{n:g} {r}" for r, n in sorted(rec.get("dense_calls_per_step", {}).items()))
             lines.append(
                 f"| {row['label']} | {name} | {row['steps']} + {row['warmup']} warm-up | {rec['s_per_step']:.3f} "
-                f"| {attn:.0f} | {100 * rec['attention_share']:.0f}% "
+                f"| {fmt(attn, '.0f')} | {fmt(rec['attention_share'] and 100 * rec['attention_share'], '.0f', '%')} "
                 f"| {fmt(rec.get('density'), '.3f')} | {fmt(rec.get('sparse_calls_per_step'), 'g')} | {dense or '—'} "
                 f"| {fmt(rec.get('rel_l1'), '.3g')} | {fmt(rec.get('cosine'), '.6f')} | {fmt(rec.get('rmse'), '.3g')} "
                 f"| {fmt(rec.get('peak_gib'), '.1f')} |")
@@ -453,7 +467,7 @@ def environment(device, args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": triton_version, "comfyui": comfyui_version.__version__,
         "attention": backend, "dtype": str(args.dtype).replace("torch.", ""),
-        "command": "python3 " + " ".join(sys.argv), "patch": COMMON,
+        "command": "python3 " + " ".join(sys.argv), "patch": COMMON, "compile": args.compile,
     }
 
 
@@ -484,6 +498,9 @@ def main() -> None:
                         help="skip configurations that would end later than this many seconds after the start")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "e2e"), help="folder for e2e.md / e2e.json")
     parser.add_argument("--tiny", action="store_true", help="tiny models (2 heads, 1-2 blocks): a CPU plumbing check")
+    parser.add_argument("--compile", default=None, choices=["inductor", "aot_eager"],
+                        help="compile every configuration as ComfyUI's TorchCompileModel node does (with this "
+                             "backend); the first --warmup steps then include the compilation")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="only merge the e2e.json files of earlier runs into one report in --out")
     args = parser.parse_args()

@@ -18,11 +18,11 @@ from comfy_support import require_comfy
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_e2e.py")
 
 
-def run_bench(tmp_path, interpret: str, models: str, configs: str) -> dict:
+def run_bench(tmp_path, interpret: str, models: str, configs: str, *extra) -> dict:
     require_comfy()
     env = {**os.environ, "TRITON_INTERPRET": interpret}
     cmd = [sys.executable, SCRIPT, "--tiny", "--models", models, "--configs", configs, "--steps", "1",
-           "--out", str(tmp_path)]
+           "--out", str(tmp_path), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads((tmp_path / "e2e.json").read_text())
@@ -49,3 +49,13 @@ def test_in_the_interpreter_the_patched_calls_run_sparse(tmp_path):
     assert rec["sparse_calls_per_step"] == 2 and rec["dense_calls_per_step"] == {"cross-attention": 2.0}
     assert rec["density"] < 0.5 and "warning" not in rec
     assert 0 < rec["rel_l1"] < 0.05 and all(d is not None for d in rec["density_per_step"])
+
+
+def test_compiled_like_torch_compile_model_the_patched_calls_still_run_sparse(tmp_path):
+    results = run_bench(tmp_path, "1", "wan1.3b", "unpatched,topk0.5", "--compile", "aot_eager", "--warmup", "1")
+    configs = results["models"]["wan1.3b"]["configs"]
+    rec = configs["topk0.5"]
+    assert rec["sparse_calls_per_step"] == 2 and rec["dense_calls_per_step"] == {"cross-attention": 2.0}
+    assert rec["density"] < 0.5 and rec["attention_share"] is None and rec["finite"]
+    assert rec["cosine"] > 0.99  # against the compiled unpatched run
+    assert "compiled with torch.compile (backend aot_eager)" in (tmp_path / "e2e.md").read_text()
