@@ -165,7 +165,7 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list):
 
     head = (f"{dev}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"{datetime.date.today().isoformat()}")
-    lines += [f"# SpargeAttn kernel benchmark", "", head, ""]
+    lines += ["# SpargeAttn kernel benchmark", "", head, ""]
     lines += ["| shape | input | setting | P·V | time ms | × cuDNN | density | relL1 | prep / predict / attn ms | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     overheads = []

@@ -20,7 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from bench.bench_kernels import SHAPES, bench_ms, make_inputs, ref_rel_l1  # noqa: E402
+from bench.bench_kernels import bench_ms, make_inputs, ref_rel_l1  # noqa: E402
 from kernels import api as A  # noqa: E402
 
 

@@ -61,7 +61,7 @@ def _impl(
 
 
 def _fake(q, k, v, layout, scale, causal, mode, cdf_threshold, cdf_per_head, sim_threshold, sim_per_head, pv_on,
-      pv_threshold, pv_per_head, topk, topk_per_head, keep_ranges, return_stats, pv_dtype):
+          pv_threshold, pv_per_head, topk, topk_per_head, keep_ranges, return_stats, pv_dtype):
     heads = _heads(q, layout) if return_stats else 0
     return torch.empty_like(q), q.new_empty((4, heads), dtype=torch.float32)
 
