@@ -467,7 +467,7 @@ def environment(device, args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__, "triton": triton_version, "comfyui": comfyui_version.__version__,
         "attention": backend, "dtype": str(args.dtype).replace("torch.", ""),
-        "command": "python3 " + " ".join(sys.argv), "patch": COMMON, "compile": args.compile,
+        "command": "python3 " + " ".join(sys.argv), "patch": COMMON, "compile": getattr(args, "compile", None),
     }
 
 
