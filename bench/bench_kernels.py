@@ -113,32 +113,49 @@ def split_ms(q, k, v, topk: float, pv: str):
     return t_prep, t_pred, t_attn
 
 
+def gpu_kernels(fn, reps: int = 5) -> dict:
+    """Per CUDA kernel name of one ``fn()``: (launches per call, GPU microseconds per call), from the
+    torch profiler over ``reps`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n, us = per.get(e.name, (0.0, 0.0))
+            per[e.name] = (n + 1 / reps, us + e.device_time / reps)
+    return per
+
+
+def host_us(fn, reps: int = 50) -> float:
+    """Host microseconds per ``fn()`` call: the wall time to enqueue ``reps`` calls while the GPU is held
+    busy, so that no call waits on the GPU."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    t = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return t
+
+
 def overhead(q, k, v, kw: dict):
     """(kernel launches per call, host microseconds per call, eager ms, CUDA-graph replay ms).
 
-    Launches are counted with the torch profiler. Host time is the wall time to enqueue calls while
-    the GPU is held busy (nothing waits on the GPU). The graph replays the same launches without
-    Python, so eager ms minus replay ms is what the host costs when the GPU waits for it."""
-    from torch.profiler import ProfilerActivity, profile
-
+    The graph replays the same launches without Python, so eager ms minus replay ms is what the host
+    costs when the GPU waits for it."""
     f = lambda: sparge_attn(q, k, v, **kw)  # noqa: E731
-    f()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            f()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    launches = len(kernels) / 5
-    import time
-
-    reps = 50
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the host never waits below
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        f()
-    host_us = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
+    launches = sum(n for n, _ in gpu_kernels(f).values())
+    host = host_us(f)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -148,7 +165,7 @@ def overhead(q, k, v, kw: dict):
     with torch.cuda.graph(graph):
         f()
     t_graph = bench_ms(graph.replay)
-    return launches, host_us, bench_ms(f), t_graph
+    return launches, host, bench_ms(f), t_graph
 
 
 def run_gpu(names, pv_paths, with_sage: bool, lines: list):

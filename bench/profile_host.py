@@ -9,7 +9,6 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -17,14 +16,14 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.bench_kernels import SHAPES, make_inputs  # noqa: E402
+from bench.bench_kernels import SHAPES, gpu_kernels, host_us, make_inputs  # noqa: E402
 from kernels import sparge_attn  # noqa: E402
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="flux", choices=list(SHAPES))
-    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--calls", type=int, default=200, help="calls under cProfile")
     ap.add_argument("--topk", type=float, default=0.5)
     ap.add_argument("--top", type=int, default=35, help="rows of the profile to print")
     ap.add_argument("--kernels", action="store_true", help="only print GPU time per kernel (torch profiler)")
@@ -34,51 +33,22 @@ def main(argv=None):
         return 0
     q, k, v = make_inputs(a.shape)
     f = lambda: sparge_attn(q, k, v, mode="topk", topk=a.topk, sim_threshold=-1.0)  # noqa: E731
-    for _ in range(3):
-        f()
-    torch.cuda.synchronize()
     if a.kernels:
-        from torch.profiler import ProfilerActivity, profile
-
-        reps = 10
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                f()
-            torch.cuda.synchronize()
-        per = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                per[e.name] = per.get(e.name, 0.0) + e.device_time / reps
-        for name, us in sorted(per.items(), key=lambda x: -x[1]):
+        per = gpu_kernels(f, reps=10)
+        for name, (_, us) in sorted(per.items(), key=lambda x: -x[1][1]):
             print(f"{us:10.1f} us  {name[:90]}")
-        print(f"{sum(per.values()):10.1f} us  total GPU time per call ({a.shape}, top-k {a.topk})")
+        print(f"{sum(us for _, us in per.values()):10.1f} us  total GPU time per call ({a.shape}, top-k {a.topk})")
         return 0
-    torch.cuda._sleep(int(4e9))
-    t0 = time.perf_counter()
-    for _ in range(a.calls):
-        f()
-    plain = (time.perf_counter() - t0) / a.calls * 1e6
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(4e9))
+    # 50 calls (350 launches) stay below the GPU's launch queue depth, so none waits for a free slot
+    print(f"host time per call: {host_us(f):.0f} us (without the profiler)")
+    torch.cuda._sleep(int(4e9))  # profile calls that never wait on the GPU
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(a.calls):
         f()
     prof.disable()
     torch.cuda.synchronize()
-    print(f"host time per call: {plain:.0f} us (without the profiler)")
     from kernels import api as A
-
-    def host_us(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda._sleep(int(2e9))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        t = (time.perf_counter() - t0) / reps * 1e6
-        torch.cuda.synchronize()
-        return t
 
     g = A._check(q, k, v, "HND")
     sc = g.d**-0.5
@@ -96,7 +66,7 @@ def main(argv=None):
     for fast in (True, False):
         A._Fast.enabled = fast
         for name, fn in parts.items():
-            print(f"fast launch {'on ' if fast else 'off'} {name:28s} {host_us(fn):8.1f} us")
+            print(f"fast launch {'on ' if fast else 'off'} {name:28s} {host_us(fn, 20):8.1f} us")
     A._Fast.enabled = True
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
     return 0
