@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
@@ -79,6 +80,22 @@ def comfy_server(base, env: dict | None = None, timeout_s: float = 180):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+class RecordingKernel:
+    """Exact attention with ``kernels.sparge_attn``'s signature; records each call. Injected into the
+    patch's state where a test needs the sparse path on a CPU (``override`` is ``nodes.override``)."""
+
+    def __init__(self, override):
+        self.calls = []
+        self.api = override.KernelAPI(self.attn, lambda device: None, range(1, 257))
+
+    def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, **options):
+        self.calls.append(dict(shape=tuple(q.shape), layout=layout, keep_ranges=keep_ranges, **options))
+        t = (lambda x: x) if layout == "HND" else (lambda x: x.transpose(1, 2))
+        out = t(F.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale))
+        h = q.shape[1] if layout == "HND" else q.shape[2]
+        return out, {"density": torch.full((h,), options["topk"]), "pv_skipped": torch.zeros(h)}
 
 
 # Constructor arguments per (kind, size) besides those shared by every size (see build_model).

@@ -7,9 +7,8 @@ signature) is injected into the patch's state; ComfyUI itself is always the real
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from comfy_support import build_model, latent_for, require_comfy, sample
+from comfy_support import RecordingKernel, build_model, latent_for, require_comfy, sample
 
 KINDS = ["flux", "wan", "hunyuan_video"]
 # Tiny shapes: 8 text tokens; Flux 16x16 latent -> 8x8 grid; video 3x16x16 latent -> 3x8x8 grid.
@@ -32,21 +31,6 @@ def comfy():
 @pytest.fixture(scope="module")
 def models(comfy):
     return {kind: build_model(kind) for kind in KINDS}
-
-
-class RecordingKernel:
-    """Exact attention with ``kernels.sparge_attn``'s signature; records each call."""
-
-    def __init__(self, override):
-        self.calls = []
-        self.api = override.KernelAPI(self.attn, lambda device: None, range(1, 257))
-
-    def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, **options):
-        self.calls.append(dict(shape=tuple(q.shape), layout=layout, keep_ranges=keep_ranges, **options))
-        t = (lambda x: x) if layout == "HND" else (lambda x: x.transpose(1, 2))
-        out = t(F.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale))
-        h = q.shape[1] if layout == "HND" else q.shape[2]
-        return out, {"density": torch.full((h,), options["topk"]), "pv_skipped": torch.zeros(h)}
 
 
 def patch(comfy, model, kernel=None, **options):

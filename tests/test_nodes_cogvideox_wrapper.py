@@ -10,9 +10,8 @@ the kernel's signature is injected and records its calls.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from comfy_support import build_cogvideox, cogvideox_conditioning, require_cogvideox_wrapper, sample_cogvideox
+from comfy_support import RecordingKernel, build_cogvideox, cogvideox_conditioning, require_cogvideox_wrapper, sample_cogvideox
 from sparge_pack import kernels  # imported while conftest's TRITON_INTERPRET=1 holds, so Triton interprets
 
 TEXT = 226
@@ -30,19 +29,6 @@ def pack(wrapper):
     from sparge_pack.nodes import cogvideox, override
 
     return cogvideox, override
-
-
-class RecordingKernel:
-    """Exact attention with ``kernels.sparge_attn``'s signature; records each call."""
-
-    def __init__(self, override):
-        self.calls = []
-        self.api = override.KernelAPI(self.attn, lambda device: None, range(1, 257))
-
-    def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, **options):
-        self.calls.append(dict(shape=tuple(q.shape), layout=layout, keep_ranges=keep_ranges, **options))
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return out, {"density": torch.full((q.shape[1],), options["topk"]), "pv_skipped": torch.zeros(q.shape[1])}
 
 
 def patch(pack, model, kernel=None, **options):
