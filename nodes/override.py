@@ -321,8 +321,10 @@ class SpargeState:
             self.log_once("no-block-index", "this model reports no block index; dense_blocks is ignored")
         elif block in c.dense_blocks:
             return Dense(DENSE_BLOCK, f"{options.get('block_type', 'block')} block {block}")
-        if self.thresholds is not None and self.layer_key(options) not in self.thresholds.layers:
-            return Dense(UNTUNED, self.layer_key(options))
+        if self.thresholds is not None:
+            key = self.layer_key(options)
+            if key not in self.thresholds.layers:
+                return Dense(UNTUNED, key)
         if view.n_q < c.min_tokens:
             return Dense(MIN_TOKENS, f"{view.n_q} < {c.min_tokens}")
         device = self._device_reason(view.q.device)
