@@ -386,14 +386,15 @@ ATTN_CONFIG_OVERRIDE: dict = {}
 
 def _attention_config(dp: int, q_blocks: int) -> dict:
     """Launch parameters of the attention kernel for a padded head dim and a number of Q blocks
-    (batch x heads x ceil(Nq/128)). Measured on an H100 (bench/NOTES.md): 64-row programs with
-    paired K blocks at head dim 64; at 128, 64-row programs when there are few Q blocks (Flux), else 128."""
+    (batch x heads x ceil(Nq/128)). Measured on an H100 (bench/NOTES.md #4, #5, #15): 64-row programs
+    with paired K blocks at head dim 64; at 128, 64-row programs with paired K blocks when there are
+    few Q blocks (Flux), else 128-row programs with single K blocks (pairs would spill there)."""
     if dp >= 256:
         cfg = {"block_m": 64, "num_warps": 4, "num_stages": 2, "pair": False}
-    elif dp <= 64:
+    elif dp <= 64 or q_blocks < 2048:
         cfg = {"block_m": 64, "num_warps": 4, "num_stages": 3, "pair": True}
     else:
-        cfg = {"block_m": 64 if q_blocks < 2048 else 128, "num_warps": 4, "num_stages": 3, "pair": False}
+        cfg = {"block_m": 128, "num_warps": 4, "num_stages": 3, "pair": False}
     cfg.update(ATTN_CONFIG_OVERRIDE)
     return cfg
 

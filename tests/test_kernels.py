@@ -184,6 +184,30 @@ def test_sparse_matches_reference(pv, mode, causal):
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
 
 
+@pytest.mark.parametrize("block_m,pair", [(64, False), (64, True), (128, False), (128, True)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_walk_configs(block_m, pair, causal):
+    """Every walk of the LUT the launch code can choose (64- or 128-row programs, single or paired
+    K blocks), forced at one shape: the output matches the reference's emulation of that walk."""
+    from sparge_pack.kernels import api as A
+
+    seed = _seed()
+    gen = _gen(seed)
+    n = 1000 if not ON_GPU else 8192
+    q, k, v = _local(1, 2, n, 128, gen)
+    pv = PV_PATHS[0]
+    mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0, causal=causal)
+    out = _nan_like(q)
+    A.ATTN_CONFIG_OVERRIDE.update(block_m=block_m, pair=pair)
+    try:
+        block_sparse_attn(q, k, v, mask, causal=causal, pv_dtype=pv, out=out)
+    finally:
+        A.ATTN_CONFIG_OVERRIDE.clear()
+    emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv, rows_per_decision=block_m, pair=pair)
+    assert bool(torch.isfinite(out).all()), f"seed={seed}"
+    assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
+
+
 @pytest.mark.parametrize("pv", PV_PATHS)
 @pytest.mark.parametrize("thr", [3.0, 8.0, "per-head"])
 def test_stage2_skip(pv, thr):
