@@ -272,10 +272,12 @@ class _Null:
         return False
 
 
-#: Warps per program of the preparation kernels, measured on an H100 (bench/NOTES.md #12): fewer warps
-#: per program are faster here (more programs resident per SM, shorter cross-warp reductions).
+#: Warps per program of the preparation kernels and rows per piece of the Q/K blocks (which are
+#: streamed in pieces of that many rows), measured on an H100 (bench/NOTES.md #12, #18): small
+#: programs are faster here (more programs resident per SM overlap their loads with the reductions).
 #: "k64": K blocks at padded head dim 64. Benchmarks may change them.
-PREP_WARPS = {"colstats": 2, "q": 4, "k": 2, "k64": 1, "v": 2}
+PREP_WARPS = {"colstats": 2, "q": 1, "k": 1, "k64": 1, "v": 2}
+PREP_ROWS = {"q": 32, "k": 16, "k64": 64}
 
 
 def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
@@ -303,7 +305,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
         g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
         BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
-        num_warps=PREP_WARPS["q"],
+        SUB=min(PREP_ROWS["q"], BLOCK_Q), num_warps=PREP_WARPS["q"],
     )
     buf["k8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.int8)
     buf["ks"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
@@ -313,7 +315,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
         BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
-        num_warps=PREP_WARPS["k64" if g.dp <= 64 else "k"],
+        SUB=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K), num_warps=PREP_WARPS["k64" if g.dp <= 64 else "k"],
     )
     if v is not None:
         fp8 = pv_dtype == "fp8"

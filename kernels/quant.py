@@ -108,26 +108,37 @@ def _to_int8(y):
 
 
 @triton.jit
+def _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER: tl.constexpr, EVEN_D: tl.constexpr):
+    x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+    if CENTER:
+        x = tl.where(valid, x - mean[None, :], 0.0)
+    return x
+
+
+@triton.jit
 def _qk_prep_kernel(
     X, sb, sh, sn, sd,
     KSUM, X8, XS, POOL, SIM,
     HX, N, D, N_PAD, NB, mult, NCHUNK,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr,
+    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr,
 ):
     """Pool, self-similarity and INT8 quantization of block ``program_id(0)`` of head ``program_id(1)``.
 
     Writes ``X8[bh, rows, :DP]`` (int8, padded rows and channels are 0), the scale ``XS`` (per token
     ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
     and ``SIM[bh, blk]``. With CENTER the token mean (from the ``KSUM`` chunk sums) is subtracted first.
+
+    The block is streamed in ``SUB``-row pieces (few registers per program, so many programs per SM
+    overlap their loads with the arithmetic). A per-block scale (not PER_TOKEN) needs the block's
+    |max| first: then the pieces are read a second time (from cache) to quantize them.
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HX
     h = bh % HX
-    rows = blk * BLK + tl.arange(0, BLK)
     cols = tl.arange(0, DP)
-    x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+    mean = tl.zeros([DP], dtype=tl.float32)
     if CENTER:
         ch = tl.arange(0, NCHUNK_P2)
         parts = tl.load(
@@ -135,39 +146,47 @@ def _qk_prep_kernel(
             mask=ch[:, None] < NCHUNK, other=0.0,
         )
         mean = tl.sum(parts, 0) / N
-        x = tl.where(valid, x - mean[None, :], 0.0)
     n_valid = tl.minimum(N - blk * BLK, BLK).to(tl.float32)
 
-    # Pool and self-similarity; any non-finite value makes the similarity NaN.
-    a = _abs_nonfinite_inf(x)
-    bad = tl.max(tl.max(a, 1), 0) == INF
-    pool = tl.sum(x, 0) / n_valid
-    sumsq = tl.sum(x * x, 1)
-    xn = x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None]
-    sdir = tl.sum(xn, 0)
-    sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
-    sim = tl.where(bad, float("nan"), sim)
-    tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, pool)
-    tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
-
-    # INT8 with scale amax/127, rounding to nearest (ties to even). A non-finite group stores
-    # arbitrary int8 values and a NaN scale.
-    if PER_TOKEN:
+    # Pool and self-similarity; any non-finite value makes the similarity NaN. INT8 with scale
+    # amax/127, rounding to nearest (ties to even); a non-finite group stores arbitrary int8 values
+    # and a NaN scale.
+    xsum = tl.zeros([DP], dtype=tl.float32)
+    sdir = tl.zeros([DP], dtype=tl.float32)
+    amax_blk = tl.zeros([], dtype=tl.float32)
+    for t in range(0, BLK // SUB):
+        rows = blk * BLK + t * SUB + tl.arange(0, SUB)
+        x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
+        a = _abs_nonfinite_inf(x)
         amax = tl.max(a, 1)
-        scale = amax / 127.0
-        inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-        xq = _to_int8(x * inv[:, None])
-        scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
-        tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
-    else:
-        amax = tl.max(tl.max(a, 1), 0)
-        scale = amax / 127.0
-        inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-        xq = _to_int8(x * inv)
-        scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
+        amax_blk = tl.maximum(amax_blk, tl.max(amax, 0))
+        xsum += tl.sum(x, 0)
+        sumsq = tl.sum(x * x, 1)
+        sdir += tl.sum(x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None], 0)
+        if PER_TOKEN:
+            scale = amax / 127.0
+            inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+            tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv[:, None]))
+            scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
+            tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
+        elif SUB == BLK:  # one piece: its |max| is the block's
+            sc_blk = amax_blk / 127.0
+            inv = tl.where(sc_blk > 0, 1.0 / sc_blk, 0.0)
+            tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv))
+    sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
+    sim = tl.where(amax_blk == INF, float("nan"), sim)
+    tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, xsum / n_valid)
+    tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
+    if not PER_TOKEN:
+        scale = amax_blk / 127.0
+        if SUB < BLK:
+            inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+            for t in range(0, BLK // SUB):
+                rows = blk * BLK + t * SUB + tl.arange(0, SUB)
+                x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
+                tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv))
+        scale = tl.where(amax_blk == INF, float("nan"), tl.maximum(scale * mult, TINY))
         tl.store(XS + bh.to(tl.int64) * NB + blk, scale)
-    out = X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]
-    tl.store(out, xq)
 
 
 @triton.jit
