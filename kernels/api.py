@@ -307,6 +307,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
         SUB=min(PREP_ROWS["q"], BLOCK_Q), num_warps=PREP_WARPS["q"],
     )
+    kkey = "k64" if g.dp <= 64 else "k"
     buf["k8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.int8)
     buf["ks"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
     buf["pool_k"] = torch.empty(g.b * g.hk, g.nkb, g.dp, device=dev, dtype=f32)
@@ -315,7 +316,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
         BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
-        SUB=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K), num_warps=PREP_WARPS["k64" if g.dp <= 64 else "k"],
+        SUB=min(PREP_ROWS[kkey], BLOCK_K), num_warps=PREP_WARPS[kkey],
     )
     if v is not None:
         fp8 = pv_dtype == "fp8"

@@ -108,6 +108,19 @@ def _to_int8(y):
 
 
 @triton.jit
+def _inv_scale(amax):
+    """(amax/127, its reciprocal or 0 for an all-zero group): the INT8 scale and its multiplier."""
+    scale = amax / 127.0
+    return scale, tl.where(scale > 0, 1.0 / scale, 0.0)
+
+
+@triton.jit
+def _store_int8(X8, bh, N_PAD, DP: tl.constexpr, rows, cols, y):
+    """Round the scaled rows ``y`` to INT8 and store them at ``X8[bh, rows, :DP]``."""
+    tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(y))
+
+
+@triton.jit
 def _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER: tl.constexpr, EVEN_D: tl.constexpr):
     x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
     if CENTER:
@@ -164,27 +177,24 @@ def _qk_prep_kernel(
         sumsq = tl.sum(x * x, 1)
         sdir += tl.sum(x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None], 0)
         if PER_TOKEN:
-            scale = amax / 127.0
-            inv = tl.where(scale > 0, 1.0 / scale, 0.0)
-            tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv[:, None]))
+            scale, inv = _inv_scale(amax)
+            _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv[:, None])
             scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
             tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
-        elif SUB == BLK:  # one piece: its |max| is the block's
-            sc_blk = amax_blk / 127.0
-            inv = tl.where(sc_blk > 0, 1.0 / sc_blk, 0.0)
-            tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv))
+        elif SUB == BLK:  # one piece: its |max| is the block's, no second read
+            _, inv = _inv_scale(amax_blk)
+            _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
     sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
     sim = tl.where(amax_blk == INF, float("nan"), sim)
     tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, xsum / n_valid)
     tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
     if not PER_TOKEN:
-        scale = amax_blk / 127.0
+        scale, inv = _inv_scale(amax_blk)
         if SUB < BLK:
-            inv = tl.where(scale > 0, 1.0 / scale, 0.0)
             for t in range(0, BLK // SUB):
                 rows = blk * BLK + t * SUB + tl.arange(0, SUB)
                 x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
-                tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(x * inv))
+                _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
         scale = tl.where(amax_blk == INF, float("nan"), tl.maximum(scale * mult, TINY))
         tl.store(XS + bh.to(tl.int64) * NB + blk, scale)
 
