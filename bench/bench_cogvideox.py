@@ -56,7 +56,7 @@ if not torch.cuda.is_available():
 PACK = "sparge_pack"
 TEXT = 226
 sys.path.insert(0, ROOT)
-from bench.bench_e2e import COMMON, CONFIGS  # noqa: E402  (the same node settings as the ComfyUI benchmark)
+from bench.bench_e2e import COMMON, CONFIGS, write_report  # noqa: E402  (the same node settings as the ComfyUI benchmark)
 
 # Full size: 720x480, 49 frames, cond + uncond. Tiny: 96x64, 9 frames, 2 layers x 2 heads, text width 32.
 SIZES = {
@@ -269,10 +269,7 @@ def main():
     }
     table = markdown(result)
     print("\n" + table)
-    with open(os.path.join(args.out, "cogvideox.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "cogvideox.md"), "w") as f:
-        f.write(table + "\n")
+    write_report(args.out, "cogvideox", result, table + "\n")
     print(f"written: {args.out}/cogvideox.md, cogvideox.json ({result['seconds']:.0f} s)")
 
 

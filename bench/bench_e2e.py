@@ -440,12 +440,18 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(results: dict, out_dir: str) -> None:
+def write_report(out_dir: str, stem: str, results: dict, markdown: str) -> None:
+    """``<stem>.json`` (the results) and ``<stem>.md`` (their table) in ``out_dir``; used by every
+    ComfyUI benchmark."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "e2e.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, "e2e.md"), "w") as f:
-        f.write(render(results))
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(markdown)
+
+
+def write_outputs(results: dict, out_dir: str) -> None:
+    write_report(out_dir, "e2e", results, render(results))
 
 
 def environment(device, args) -> dict:

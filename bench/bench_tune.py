@@ -27,7 +27,6 @@ in ``--out`` (rewritten after each mode).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.bench_e2e import (MODELS, SEED, TINY_LATENT, AttentionTimer, ModelSpec, compare,  # noqa: E402
-                             environment, sample_timed, setup_comfy, sync)
+                             environment, sample_timed, setup_comfy, sync, write_report)
 
 TUNE = dict(start_percent=0.0, end_percent=1.0, dense_blocks="", min_tokens=0, protect_text=True,
             token_order="row-major", verbose=False)
@@ -139,11 +138,7 @@ def render(results: dict) -> str:
 
 
 def write(results: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "tune.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out, "tune.md"), "w") as f:
-        f.write(render(results))
+    write_report(out, "tune", results, render(results))
 
 
 def main() -> None:
