@@ -148,7 +148,7 @@ class SpargeAttnPatch(io.ComfyNode):
                 "with INT8 Q·Kᵀ and FP8 P·V. The gain grows with sequence length. Measured on an H100 "
                 "(random weights, top-k 0.5): attention 2.0x faster than dense SDPA at Wan 480p x 81 frames "
                 "(32 760 tokens), a whole Wan 2.1-1.3B step 1.47x, HunyuanVideo 720p 1.79x; but Flux 1024² "
-                "(4 608 tokens) attention 0.5x (slower), hence min_tokens. "
+                "(4 608 tokens) attention 0.6-0.8x (slower), hence min_tokens. "
                 "Cross-attention, masked attention, short sequences, the first steps and the "
                 "dense blocks stay dense; verbose logs why. Needs an NVIDIA GPU (sm80+) and Triton; "
                 "elsewhere the model runs dense. To undo: bypass this node (Ctrl+B) or remove it."),
