@@ -8,7 +8,8 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 4. ``_v_prep_kernel``    V / per-channel scale -> FP8 e4m3 (transposed) or fp16
 5. ``_scores_kernel``    pooled map pool_q @ pool_k^T * scale in fp32
 6. ``_select_kernel``    TopCdf / TopK per row -> sorted LUT of kept K blocks + counts
-7. ``_attn_kernel``      the attention over the LUT
+7. ``_attn_kernel``      the attention over the LUT (``_attn_kernel_sm90``, the Gluon kernel of
+                         ``attention_sm90.py``, on sm_90 GPUs for FP8 P.V without causal mask or P.V skip)
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ try:
         from triton import knobs as _KNOBS
     except ImportError:  # Triton < 3.4: no knobs, so no fast launch (the JIT path is used)
         _KNOBS = None
+    try:  # the Hopper kernel needs Triton's Gluon language (Triton >= 3.5)
+        from triton.experimental.gluon import language as _gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _TensorDescriptor
+
+        from .attention_sm90 import _attn_kernel_sm90
+
+        _SM90_ERROR = None
+    except Exception as exc:  # noqa: BLE001 (any failure here only means: use the portable kernel)
+        _attn_kernel_sm90 = None
+        _SM90_ERROR = exc
     _TRITON_ERROR = None
 except ImportError as exc:  # the pack still loads; calls explain what is missing
     triton = None
@@ -280,8 +291,12 @@ PREP_WARPS = {"colstats": 2, "q": 1, "k": 1, "k64": 1, "v": 2}
 PREP_ROWS = {"q": 32, "k": 16, "k64": 64}
 
 
-def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
-    """Launches 1-4. Returns a dict of the prepared buffers (V parts only when ``v`` is given)."""
+def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None):
+    """Launches 1-4. Returns a dict of the prepared buffers (V parts only when ``v`` is given).
+    ``sm90``: V is stored in the token order of the Hopper kernel (``buf["v_order"]`` says which);
+    None: as ``_use_sm90`` decides for a call without causal mask and without P.V skip."""
+    if sm90 is None:
+        sm90 = v is not None and _use_sm90(q.device, g.dp, pv_dtype, False, False)
     dev = q.device
     qh, kh = _hnd(q, g.layout), _hnd(k, g.layout)
     vh = _hnd(v, g.layout) if v is not None else kh
@@ -329,8 +344,9 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str]):
             vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
             g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
             BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8,
-            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, num_warps=PREP_WARPS["v"],
+            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, SM90_ORDER=sm90 and fp8, num_warps=PREP_WARPS["v"],
         )
+        buf["v_order"] = "sm90" if sm90 and fp8 else "tokens"
     return buf
 
 
@@ -402,12 +418,76 @@ def _attention_config(dp: int, q_blocks: int) -> dict:
     return cfg
 
 
-def walk_options(head_dim: int, n_q: int, batch_heads: int) -> dict:
+def _sm90_config(dp: int, q_blocks: int) -> dict:
+    """Launch parameters of the Hopper kernel (kernels/attention_sm90.py), measured on an H100
+    (bench/NOTES.md #19): one warpgroup per program, 3 K/V stages; 128-row programs at head dim 128
+    when there are many Q blocks (Wan, HunyuanVideo), else 64 (Flux, CogVideoX)."""
+    cfg = {"block_m": 128 if dp == 128 and q_blocks >= 2048 else 64, "num_warps": 4, "num_stages": 3}
+    cfg.update({k: v for k, v in ATTN_CONFIG_OVERRIDE.items() if k in cfg})
+    return cfg
+
+
+def _use_sm90(device: torch.device, dp: int, pv_dtype: str, causal: bool, pv_skip: bool) -> bool:
+    """Whether the call's attention runs in the Hopper kernel: an sm_90 GPU, Gluon available, FP8 P.V,
+    head dim 64 or 128 (padded), no causal mask and no stage-2 skip. ``ATTN_CONFIG_OVERRIDE["kernel"]``
+    or the environment variable ``SPARGEATTN_KERNEL`` ("auto", "tl" or "sm90") can force a choice."""
+    want = ATTN_CONFIG_OVERRIDE.get("kernel") or os.environ.get("SPARGEATTN_KERNEL") or "auto"
+    if want not in ("auto", "tl", "sm90"):
+        raise ValueError(f"SPARGEATTN_KERNEL must be 'auto', 'tl' or 'sm90', got {want!r}")
+    if want == "tl":
+        return False
+    reason = None
+    if _attn_kernel_sm90 is None:
+        reason = f"this Triton has no usable Gluon ({_SM90_ERROR})"
+    elif _interpreting() or device.type != "cuda":
+        reason = "not a CUDA device"
+    elif _capability(device.index if device.index is not None else torch.cuda.current_device()) != (9, 0):
+        reason = "not an sm_90 GPU"
+    elif pv_dtype != "fp8" or dp not in (64, 128) or causal or pv_skip:
+        reason = "it covers FP8 P.V at head dim <= 128 without causal mask or P.V skip"
+    if reason is not None and want == "sm90":
+        raise ValueError(f"the sm90 attention kernel cannot run this call: {reason}; set SPARGEATTN_KERNEL=auto")
+    return reason is None
+
+
+def walk_options(head_dim: int, n_q: int, batch_heads: int, *, device=None, pv_dtype: str = "fp8",
+                 causal: bool = False, pv_threshold=None) -> dict:
     """How the attention kernel walks the LUT for such a call, in the keywords of
     ``reference.block_sparse_attention``: ``rows_per_decision`` (query rows of one program, which
-    share each stage-2 decision) and ``pair`` (mask-free blocks taken two at a time)."""
-    cfg = _attention_config(_padded_dim(head_dim), batch_heads * _cdiv(n_q, BLOCK_Q))
+    share each stage-2 decision) and ``pair`` (mask-free blocks taken two at a time). ``device``
+    (default: the current CUDA device when there is one) decides whether the Hopper kernel runs."""
+    dp = _padded_dim(head_dim)
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() and not _interpreting() else torch.device("cpu")
+    if _use_sm90(torch.device(device), dp, pv_dtype, causal, pv_threshold is not None):
+        return {"rows_per_decision": _sm90_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q))["block_m"], "pair": False}
+    cfg = _attention_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q))
     return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _nvmma_layouts(bm: int, dp: int):
+    """Shared-memory layouts of the Q, K and V^T tiles that the TMA descriptors describe."""
+    get = _gl.NVMMASharedLayout.get_default_for
+    return get([bm, dp], _gl.int8), get([BLOCK_K, dp], _gl.int8), get([dp, BLOCK_K], _gl.float8e4nv)
+
+
+def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom):
+    cfg = _sm90_config(g.dp, g.b * g.h * g.nqb)
+    bm = cfg["block_m"]
+    lq, lk, lv = _nvmma_layouts(bm, g.dp)
+    q2, k2, v2 = buf["q8"].view(-1, g.dp), buf["k8"].view(-1, g.dp), buf["v8"].view(-1, g.nk_pad)
+    dq = _TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, g.dp], lq)
+    dk = _TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_K, g.dp], lk)
+    dv = _TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [g.dp, BLOCK_K], lv)
+    _Fast.get(_attn_kernel_sm90)[(g.nqb * (BLOCK_Q // bm), g.b * g.h)](
+        dq, dk, dv, buf["qs"], buf["ks"], buf["vs"], lut, cnt, cnt_full,
+        oh, *oh.stride(),
+        g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad, P_SCALE_LOG2,
+        BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CLAMP=out.dtype == torch.float16, STAGES=cfg["num_stages"],
+        NW=cfg["num_warps"], num_warps=cfg["num_warps"],
+    )
+    return out, None, BLOCK_Q // bm
 
 
 def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Optional[Threshold], pv_dtype: str,
@@ -421,6 +501,11 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
             f"q is {tuple(q.shape)} {q.dtype} on {q.device}"
         )
     oh = _hnd(out, g.layout)
+    sm90 = _use_sm90(q.device, g.dp, pv_dtype, causal, pv_threshold is not None)
+    if sm90 != (buf.get("v_order") == "sm90"):
+        raise RuntimeError("internal: V was prepared for the other attention kernel (pass sm90= to _prep_qk)")
+    if sm90:
+        return _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g)
     cfg = _attention_config(g.dp, g.b * g.h * g.nqb)
     bm = cfg["block_m"]
     sub = BLOCK_Q // bm
@@ -553,7 +638,7 @@ def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_thr
         sim_threshold = 0.6 if mode == "cdf" else -0.1
     pv = _resolve_pv(pv_dtype, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv)
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
     if return_stats:
@@ -627,7 +712,7 @@ def block_sparse_attn(
         bm = bm != 0
     pv = _resolve_pv(pv_dtype, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv)
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, "cdf", 1.0, 0.0, 1.0, None, block_mask=bm)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
     if return_stats:

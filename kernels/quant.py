@@ -200,17 +200,27 @@ def _qk_prep_kernel(
 
 
 @triton.jit
+def sm90_token_order(n):
+    """Where token ``n`` sits in the FP8 V of the Hopper kernel (``attention_sm90._as_operand``): within
+    each 32 tokens the index bits (c0, c1, c2, c3, c4) move to (c0, c2, c3, c1, c4)."""
+    c = n & 31
+    return (n - c) | (c & 1) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 16)
+
+
+@triton.jit
 def _v_prep_kernel(
     V, sb, sh, sn, sd,
     VMAX, VOUT, VS,
     HK, N, D, N_PAD, vmax_target, NCHUNK,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
 ):
     """Scale block ``program_id(0)`` of V by ``1/(amax_c/vmax_target)`` per channel and cast it.
 
     FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
     fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
+    SM90_ORDER: the tokens of each block are stored in the order the Hopper kernel's P.V operand
+    expects (:func:`sm90_token_order`).
     """
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -232,7 +242,8 @@ def _v_prep_kernel(
     if blk == 0:
         tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
     if FP8:
-        ptrs = VOUT + (bh.to(tl.int64) * DP + cols[None, :]) * N_PAD + rows[:, None]
+        pos = sm90_token_order(rows) if SM90_ORDER else rows
+        ptrs = VOUT + (bh.to(tl.int64) * DP + cols[None, :]) * N_PAD + pos[:, None]
         tl.store(ptrs, _to_fp8(xs, INTERPRET))
     else:
         ptrs = VOUT + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]

@@ -31,7 +31,9 @@ _DTYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv",
 }
-KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_scores_kernel", "_select_kernel", "_attn_kernel"]
+KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_scores_kernel", "_select_kernel", "_attn_kernel",
+           "_attn_kernel_sm90"]
+_GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 class Compiler:
@@ -60,6 +62,9 @@ class Compiler:
             if kernel.params[i].is_constexpr:
                 sig[name] = "constexpr"
                 const[name] = val
+            elif type(val).__name__ == "TensorDescriptor":  # Gluon's host-side TMA descriptor
+                block = ", ".join(map(str, val.block_shape))
+                sig[name] = f"tensordesc<{_GL_DTYPES[val.base.dtype]}[{block}],{val.layout!r}>"
             elif isinstance(val, torch.Tensor):
                 sig[name] = "*" + _DTYPES[val.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
@@ -79,7 +84,12 @@ class Compiler:
         key = (kernel.fn.__name__, tuple(sorted(const.items())), tuple(sorted(sig.items())), tuple(sorted(opts.items())))
         if key in self.seen:
             return
-        src = ASTSource(kernel, sig, const, attrs)
+        if getattr(kernel, "is_gluon", lambda: False)():
+            from triton.experimental.gluon._runtime import GluonASTSource
+
+            src = GluonASTSource(kernel, sig, const, attrs)
+        else:
+            src = ASTSource(kernel, sig, const, attrs)
         k = triton.compile(src, target=self.target, options=opts)
         md = k.metadata
         n_regs = getattr(k, "n_regs", None)
@@ -102,6 +112,9 @@ def drive(arch: int, full: bool):
     pvs = ["fp8", "fp16"] if fp8 else ["fp16"]
     A.unavailable_reason = lambda device: None
     A.default_pv_dtype = lambda device: "fp8" if fp8 else "fp16"
+    if arch == 90 and A._attn_kernel_sm90 is not None:  # the calls an H100 sends to the Gluon kernel
+        A._use_sm90 = lambda device, dp, pv, causal, pv_skip: pv == "fp8" and dp in (64, 128) and not causal \
+            and not pv_skip
     dims = (64, 72, 128, 256) if full else (64, 128, 256)
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     for d in dims:
@@ -115,6 +128,13 @@ def drive(arch: int, full: bool):
                                           topk=torch.full((2,), 0.5) if causal else 0.5)
                     A.block_sparse_attn(q, q, q, torch.ones(1, 2, 3, 5, dtype=torch.bool), causal=causal, pv_dtype=pv)
             A.predict_block_mask(q, q, mode="topk")
+    if fp8:  # 128-row programs (the Hopper kernel's choice at Wan / HunyuanVideo grids)
+        A.ATTN_CONFIG_OVERRIDE["block_m"] = 128
+        try:
+            q = torch.randn(1, 2, 300, 128).to(torch.bfloat16)
+            A.sparge_attn(q, q, q, mode="topk", topk=0.5, pv_dtype="fp8")
+        finally:
+            A.ATTN_CONFIG_OVERRIDE.clear()
     h = torch.randn(1, 2, 300, 128).half()  # fp16 output: the saturating store
     A.sparge_attn(h, h, h, pv_dtype=pvs[0])
     A.sparge_attn(h, h, h, pv_dtype=pvs[0], pv_threshold=torch.tensor([4.0, float("inf")]))  # per-head lambda
@@ -129,9 +149,10 @@ def main():
     for arch in args.arch or [90]:
         print(f"== sm_{arch}")
         comp = Compiler(arch, args.dump)
-        saved = {name: getattr(A, name) for name in KERNELS}
+        saved = {name: getattr(A, name) for name in KERNELS + ["_use_sm90"]}
         for name in KERNELS:
-            setattr(A, name, comp.wrap(saved[name]))
+            if saved[name] is not None:
+                setattr(A, name, comp.wrap(saved[name]))
         try:
             drive(arch, args.full)
         finally:

@@ -22,3 +22,10 @@ def test_kernels_compile(arch):
     assert lines and all("local=False" in ln for ln in lines), "attention kernel spills to local memory"
     if arch >= 90:
         assert all("wgmma=0" not in ln for ln in lines), "attention kernel does not use wgmma on sm_90"
+        gluon = [ln for ln in proc.stdout.splitlines() if ln.startswith("_attn_kernel_sm90")]
+        # head dim 64 and 128 (fp16 output: the saturating store too); none where Gluon is missing
+        from sparge_pack.kernels import api as A
+
+        if A._attn_kernel_sm90 is None:
+            pytest.skip(f"Triton without Gluon here ({A._SM90_ERROR}): the Hopper kernel is not compiled")
+        assert len(gluon) >= 3 and all("local=False" in ln and "wgmma=0" not in ln for ln in gluon), gluon

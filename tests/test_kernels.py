@@ -179,7 +179,8 @@ def test_sparse_matches_reference(pv, mode, causal):
     assert torch.allclose(stats["density"], density.to(stats["density"].device)), f"seed={seed}"
     assert float(density.min()) < 0.9, f"mask not sparse, seed={seed}"
     exact, _ = R.block_sparse_attention(q, k, v, mask, causal=causal)
-    emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv, **walk_options(q.shape[-1], n, 2))
+    emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv,
+                                    **walk_options(q.shape[-1], n, 2, pv_dtype=pv, causal=causal))
     assert _rel(out, exact) <= BOUND[pv], f"seed={seed}"
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
 
@@ -198,7 +199,7 @@ def test_walk_configs(block_m, pair, causal):
     pv = PV_PATHS[0]
     mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0, causal=causal)
     out = _nan_like(q)
-    A.ATTN_CONFIG_OVERRIDE.update(block_m=block_m, pair=pair)
+    A.ATTN_CONFIG_OVERRIDE.update(block_m=block_m, pair=pair, kernel="tl")
     try:
         block_sparse_attn(q, k, v, mask, causal=causal, pv_dtype=pv, out=out)
     finally:
@@ -206,6 +207,25 @@ def test_walk_configs(block_m, pair, causal):
     emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv, rows_per_decision=block_m, pair=pair)
     assert bool(torch.isfinite(out).all()), f"seed={seed}"
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
+
+
+def test_sm90_v_token_order():
+    """V as the Hopper kernel reads it: the same FP8 values as the portable layout, with the tokens of
+    each 32 moved by the bit permutation (c0, c1, c2, c3, c4) -> (c0, c2, c3, c1, c4) that matches the
+    kernel's relabelling of P (kernels/attention_sm90.py, _as_operand)."""
+    from sparge_pack.kernels import api as A
+
+    q, k, v = _local(1, 2, 300, 64, _gen(_seed()))
+    g = A._check(q, k, v, "HND")
+    plain = A._prep_qk(q, k, v, g, g.d**-0.5, "fp8", sm90=False)
+    moved = A._prep_qk(q, k, v, g, g.d**-0.5, "fp8", sm90=True)
+    assert (plain["v_order"], moved["v_order"]) == ("tokens", "sm90")
+    n = torch.arange(plain["v8"].shape[-1], device=plain["v8"].device)
+    c = n % 32
+    pos = n - c + (c & 1) + ((c >> 3) & 1) * 2 + ((c >> 1) & 3) * 4 + (c & 16)
+    assert not torch.equal(pos, n) and torch.equal(pos.sort().values, n)
+    assert torch.equal(moved["v8"][..., pos].view(torch.uint8), plain["v8"].view(torch.uint8))
+    assert torch.equal(moved["vs"], plain["vs"])
 
 
 @pytest.mark.parametrize("pv", PV_PATHS)
@@ -225,7 +245,8 @@ def test_stage2_skip(pv, thr):
     base = block_sparse_attn(q, k, v, mask, pv_dtype=pv, pv_threshold=1e9)
     out = _nan_like(q)
     _, stats = block_sparse_attn(q, k, v, mask, pv_dtype=pv, pv_threshold=thr, return_stats=True, out=out)
-    emu, skipped = R.block_sparse_attention(q, k, v, mask, quant=pv, pv_threshold=thr, **walk_options(q.shape[-1], n, 2))
+    emu, skipped = R.block_sparse_attention(q, k, v, mask, quant=pv, pv_threshold=thr,
+                                            **walk_options(q.shape[-1], n, 2, pv_dtype=pv, pv_threshold=thr))
     assert bool(torch.isfinite(out).all()), f"seed={seed}"
     computed = mask.float().sum((0, 2, 3))
     want = skipped.sum((0, 2)) / computed
@@ -343,7 +364,9 @@ def test_random_sweep(idx):
     assert out.dtype == c["dtype"] and out.shape == args[0].shape, tag
     o = out.transpose(1, 2) if lay == "NHD" else out
     emu, skipped = R.block_sparse_attention(q, k, v, mask, causal=c["causal"], quant=c["pv"],
-                                             pv_threshold=c["pv_threshold"], **walk_options(c["d"], c["nq"], c["b"] * c["h"]))
+                                             pv_threshold=c["pv_threshold"],
+                                             **walk_options(c["d"], c["nq"], c["b"] * c["h"], pv_dtype=c["pv"],
+                                                            causal=c["causal"], pv_threshold=c["pv_threshold"]))
     # a row with no visible key in its kept blocks is zero (only possible with a user mask)
     assert not bool(torch.isnan(o).any()), f"unwritten output: {tag}"
     err = _rel(o, emu) if emu.abs().sum() > 0 else float(o.abs().max())
@@ -407,7 +430,7 @@ def test_large_magnitude_inputs():
         o16 = sparge_attn(*h16, mode="topk", topk=1.0, sim_threshold=-1, pv_dtype=pv)
         assert bool(torch.isfinite(o16).all()), f"overflow at fp16 max, {pv} seed={seed}"
         emu, _ = R.block_sparse_attention(*h16, torch.ones(1, 2, 4, 8, dtype=torch.bool, device=DEV), quant=pv,
-                                          **walk_options(d, n, 2))
+                                          **walk_options(d, n, 2, pv_dtype=pv))
         assert _rel(o16, emu) <= EMU_TOL[torch.float16], f"{pv} seed={seed}"
 
 
@@ -431,6 +454,43 @@ def test_int64_indexing():
     exact, _ = R.block_sparse_attention(q[:, hs, -4096:], k[:, hs], v[:, hs], mask[:, :, -32:])
     assert _rel(out[:, hs, -4096:], exact) <= BOUND[default_pv_dtype(DEV)]
     del q, k, v, out
+
+
+def _is_sm90():
+    return ON_GPU and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _is_sm90(), reason="the Gluon kernel (kernels/attention_sm90.py) runs on sm_90 GPUs only")
+@pytest.mark.parametrize("d,n", [(128, 8192 + 37), (64, 4608), (128, 300)])
+@pytest.mark.parametrize("cfg", [dict(block_m=64, num_warps=4, num_stages=3), dict(block_m=128, num_warps=8, num_stages=2),
+                                 dict(block_m=128, num_warps=4, num_stages=3)])
+def test_sm90_kernel(d, n, cfg):
+    """The Hopper kernel, forced, in several launch configs: matches the reference's emulation of a
+    single-block walk as tightly as the portable kernel does, and agrees with the portable kernel."""
+    from sparge_pack.kernels import api as A
+
+    seed = _seed()
+    gen = _gen(seed)
+    q, k, v = _local(1, 2, n, d, gen, dtype=torch.bfloat16)
+    mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0)
+    mask[0, 1, 0] = False  # an empty LUT row: zeros
+    outs = {}
+    for kernel in ("sm90", "tl"):
+        outs[kernel] = _nan_like(q)
+        A.ATTN_CONFIG_OVERRIDE.update(cfg, kernel=kernel)
+        try:
+            block_sparse_attn(q, k, v, mask, pv_dtype="fp8", out=outs[kernel])
+        finally:
+            A.ATTN_CONFIG_OVERRIDE.clear()
+    out = outs["sm90"]
+    tag = f"seed={seed} cfg={cfg}"
+    assert bool(torch.isfinite(out).all()), tag
+    assert bool((out[0, 1, :BLOCK_Q] == 0).all()), tag
+    emu, _ = R.block_sparse_attention(q, k, v, mask, quant="fp8", pair=False)
+    assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e} {tag}"
+    exact, _ = R.block_sparse_attention(q, k, v, mask)
+    assert _rel(out, exact) <= BOUND["fp8"], tag
+    assert _rel(out, outs["tl"]) <= 2 * EMU_TOL[q.dtype], tag
 
 
 # ---------------------------------------------------------------------------------------- interface
@@ -461,6 +521,21 @@ def test_bad_input_errors():
         block_sparse_attn(q, q, q, torch.ones(1, 2, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="out must match"):
         sparge_attn(q, q, q, out=torch.empty(1, 2, 64, 32, device=DEV))
+
+
+def test_kernel_choice_errors():
+    """SPARGEATTN_KERNEL / ATTN_CONFIG_OVERRIDE["kernel"]: an unknown value, or forcing the Hopper kernel
+    onto a call it does not cover (causal here, on any machine), is a clear error, raised before any launch."""
+    from sparge_pack.kernels import api as A
+
+    q = torch.randn(1, 2, 300, 64, device=DEV)
+    for kernel, match in (("bogus", "'auto', 'tl' or 'sm90'"), ("sm90", "cannot run this call.*SPARGEATTN_KERNEL=auto")):
+        A.ATTN_CONFIG_OVERRIDE["kernel"] = kernel
+        try:
+            with pytest.raises(ValueError, match=match):
+                sparge_attn(q, q, q, causal=True)
+        finally:
+            A.ATTN_CONFIG_OVERRIDE.clear()
 
 
 def test_empty_mask_rows_are_zero():

@@ -1,0 +1,206 @@
+"""The attention kernel for Hopper (sm_90), written in Triton's Gluon language.
+
+Same arithmetic as :mod:`.attention` (INT8 Q.K^T, exp2-domain online softmax in fp32, P in FP8 e4m3
+scaled to [0, 448], FP8 P.V with V per-channel scaled, fp32 accumulation) in fewer instructions per
+score, which is what limits this kernel (bench/NOTES.md #19). Per K block ``it`` of the LUT::
+
+    wait   P.V of block it - 1 (wgmma group);  softmax of S[it] -> m', l', P (fp8), alpha
+    acc *= alpha;  refill the slot of block it - 1 with block it - 1 + STAGES (TMA)
+    issue  S[it + 1] = Q8 @ K8[it + 1]^T     (async wgmma group)
+    issue  acc += P @ V8[it]                 (async wgmma group: P from registers)
+    wait   for S[it + 1] only
+
+* P goes from the Q.K^T accumulator layout to the register operand of the FP8 P.V wgmma without
+  shuffles: the key index is relabelled (:func:`_as_operand`) and V is stored with its tokens in the
+  same order (``quant.sm90_token_order``), so P.V is unchanged.
+* P is converted and consumed in the same iteration (as a loop-carried value it would be unpacked
+  and repacked byte by byte); S is converted with I2FP.
+* K and V tiles come through TMA into a ring of ``STAGES`` shared-memory slots, one mbarrier each.
+  The LUT entries and K scales are loaded one or two iterations ahead (a warp stalls at the first
+  use of a load, and one stalled warp holds the whole warpgroup at the next wgmma).
+
+Covered: head dims 64 and 128 (padded), FP8 P.V, no causal mask, no stage-2 skip; the launch code
+(``api._attend``) sends every other call to :func:`.attention._attn_kernel`. There is no Gluon
+interpreter: the CPU tests compile this kernel for sm_90 and the GPU tests compare it with the
+``tl`` kernel and the reference's emulation.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+)
+
+NEG_INF = gl.constexpr(float("-inf"))
+
+
+@gluon.jit
+def _mul_rn(a, b):
+    """a * b rounded to fp32 (never contracted into a later FMA; see attention._scale)."""
+    return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.float32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _issue_kv(it, j, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars,
+              BN: gl.constexpr, DP: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of the K and V tiles of block ``j`` (the LUT's entry ``it``) into slot ``it % STAGES``."""
+    ok = it < n_all
+    slot = it % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, 2 * BN * DP, pred=ok)
+    tma.async_copy_global_to_shared(k_desc, [krow0 + j * BN, 0], bar, k_s.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(v_desc, [vrow0, j * BN], bar, v_s.index(slot), pred=ok)
+
+
+@gluon.jit
+def _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset,
+             BN: gl.constexpr, p_layout: gl.constexpr):
+    """Scores of one block -> (m', l', P as fp8 in the P.V operand layout, alpha)."""
+    s = s_int.to(gl.float32)  # one I2FP per score: faster here than the magic-number add (NOTES #19)
+    s = _mul_rn(s, gl.expand_dims(qs * c_k, 1))
+    if it >= n_full:  # the key tail: only the LUT's last entries carry padded keys
+        s = gl.where(gl.expand_dims(j * BN + cols, 0) < Nk, s, NEG_INF)
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    m_use = gl.where(m_new == NEG_INF, 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s - gl.expand_dims(m_use - p_offset, 1))
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return m_new, l_i, _fp8x4(_as_operand(p, p_layout)), alpha
+
+
+@gluon.jit
+def _fp8x4(x):
+    """fp32 -> FP8 e4m3 (round to nearest even, saturating), four values into one 32-bit register:
+    the operand's register format, so nothing is unpacked and repacked between here and the wgmma."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }",
+        "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _as_operand(p8, p_layout: gl.constexpr):
+    """P (in the Q.K^T accumulator layout) in the layout of the register operand of the P.V wgmma, without
+    moving data: within each 32 keys the accumulator gives a thread keys 8g+2t+e (g < 4, t = lane % 4,
+    e < 2) and the operand wants keys 4t+i and 16+4t+i, so the registers are taken as they are and
+    the key index is relabelled by the bit permutation (c0, c1, c2, c3, c4) -> (c0, c3, c1, c2, c4).
+    V is stored with its tokens in the same order (``quant._sm90_token_order``), so P.V is unchanged."""
+    BM: gl.constexpr = p8.shape[0]
+    BN: gl.constexpr = p8.shape[1]
+    x = gl.reshape(p8, [BM, BN // 32, 2, 2, 2, 2, 2])  # (row, c5, c4, c3, c2, c1, c0)
+    x = gl.permute(x, [0, 1, 2, 4, 5, 3, 6])  # (row, c5, c4, c2, c1, c3, c0)
+    x = gl.reshape(x, [BM, BN])
+    return gl.convert_layout(x, p_layout, assert_trivial=True)
+
+
+@gluon.jit
+def _attn_kernel_sm90(
+    q_desc, k_desc, v_desc, QS, KS, VS, LUT, CNT, CNT_FULL,
+    O, osb, osh, osn, osd,
+    H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, p_offset,
+    BQ: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, DP: gl.constexpr,
+    CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
+):
+    qk_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
+    pv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, DP, 32])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_l, k_width=4)
+    row_l: gl.constexpr = gl.SliceLayout(1, qk_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, qk_l)
+    orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
+    out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    SUB: gl.constexpr = BQ // BM
+    i = pid_m // SUB
+    b = bh // H
+    h = bh % H
+    bhk = b * (H // G) + h // G
+    bh64 = bh.to(gl.int64)
+    row = bh64 * NQB + i
+    n_all = gl.load(CNT + row)
+    n_full = gl.load(CNT_FULL + row)
+    lut = LUT + row * NKB
+    ks_base = KS + bhk.to(gl.int64) * NKB
+    krow0 = bhk * NK_PAD
+    vrow0 = bhk * DP
+
+    q_s = gl.allocate_shared_memory(gl.int8, [BM, DP], q_desc.layout)
+    k_s = gl.allocate_shared_memory(gl.int8, [STAGES, BN, DP], k_desc.layout)
+    v_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DP, BN], v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(qbar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+
+    mbarrier.expect(qbar, BM * DP)
+    tma.async_copy_global_to_shared(q_desc, [bh * NQ_PAD + pid_m * BM, 0], qbar, q_s)
+    for s in gl.static_range(STAGES):
+        _issue_kv(s, gl.load(lut + s, mask=s < n_all, other=0), n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s,
+                  bars, BN, DP, STAGES)
+    # LUT entries are read an iteration before they are needed: j_tma for the next refill, j_nxt / c_nxt
+    # (and j_nxt2) for the softmax
+    j_tma = gl.load(lut + STAGES, mask=STAGES < n_all, other=0)
+
+    qs = gl.load(QS + bh64 * NQ_PAD + pid_m * BM + gl.arange(0, BM, layout=row_l))
+    cols = gl.arange(0, BN, layout=col_l)
+    zero_s = gl.zeros([BM, BN], gl.int32, qk_l)
+    m_i = gl.full([BM], NEG_INF, gl.float32, row_l)
+    l_i = gl.zeros([BM], gl.float32, row_l)
+    acc = gl.zeros([BM, DP], gl.float32, pv_l)
+    mbarrier.wait(qbar, 0)
+
+    if n_all > 0:
+        mbarrier.wait(bars.index(0), 0)
+        s_tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s_int = warpgroup_mma_wait(0, deps=(s_tok,))
+        acc_tok = warpgroup_mma_init(acc)
+        j = gl.load(lut)
+        c_k = gl.load(ks_base + j)
+        j_nxt = gl.load(lut + 1, mask=n_all > 1, other=0)
+        c_nxt = gl.load(ks_base + j_nxt)
+        j_nxt2 = gl.load(lut + 2, mask=n_all > 2, other=0)
+        for it in range(0, n_all):
+            slot = it % STAGES
+            nxt = (it + 1) % STAGES
+            # The P.V of block it - 1 reads its P operand from registers until it completes: it must be done
+            # before the softmax writes new P registers (overlapping them gave NaN: bench/NOTES.md #19).
+            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+            m_i, l_i, p8, alpha = _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset, BN, p_l)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+            if it > 0:
+                gl.thread_barrier()  # every warp is done with block it - 1's slot before TMA refills it
+                _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES)
+                j_tma = gl.load(lut + it + STAGES, mask=it + STAGES < n_all, other=0)
+            # Q.K^T of block it + 1 (past the last block: stale data, result unused), then P.V of block it
+            mbarrier.wait(bars.index(nxt), ((it + 1) // STAGES) & 1, pred=it + 1 < n_all)
+            s_tok = warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc_tok = warpgroup_mma(p8, v_s.index(slot).permute((1, 0)), acc, is_async=True)
+            s_int = warpgroup_mma_wait(1, deps=(s_tok,))
+            # no load here depends on a load of the same iteration (a warp stalls on the first use)
+            j = j_nxt
+            c_k = c_nxt
+            c_nxt = gl.load(ks_base + j_nxt2)
+            j_nxt = j_nxt2
+            j_nxt2 = gl.load(lut + it + 3, mask=it + 3 < n_all, other=0)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+
+    mbarrier.invalidate(qbar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+    acc = gl.convert_layout(acc, out_l)
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, out_l))
+    offs_m = pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, out_l))
+    offs_d = gl.arange(0, DP, layout=gl.SliceLayout(0, out_l))
+    vs = gl.load(VS + bhk.to(gl.int64) * DP + offs_d)
+    l_safe = gl.where(l_o > 0, l_o, 1.0)
+    out = acc / gl.expand_dims(l_safe, 1) * gl.expand_dims(vs, 0)
+    if CLAMP:
+        out = gl.where(gl.abs(out) > 65504.0, gl.where(out > 0, 65504.0, -65504.0), out)
+    optr = (O + b.to(gl.int64) * osb + h.to(gl.int64) * osh + gl.expand_dims(offs_m.to(gl.int64) * osn, 1)
+            + gl.expand_dims(offs_d * osd, 0))
+    mask = gl.expand_dims(offs_m < Nq, 1) & gl.expand_dims(offs_d < D, 0)
+    gl.store(optr, out.to(O.dtype.element_ty), mask=mask)
