@@ -33,34 +33,43 @@ def main():
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--pair", default="0,1")
     ap.add_argument("--bm", default="128", help="query rows per program (64 or 128)")
+    ap.add_argument("--kernel", default="tl", help="tl (kernels/attention.py) and/or sm90 (kernels/attention_sm90.py)")
+    ap.add_argument("--set", default="", help="extra ATTN_CONFIG_OVERRIDE entries, e.g. i2f=0")
     ap.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of whole calls")
     args = ap.parse_args()
     if args.profile:
         return profile(args)
-    grid = list(itertools.product([int(x) for x in args.bm.split(",")], [int(x) for x in args.warps.split(",")],
-                                  [int(x) for x in args.stages.split(",")], [bool(int(x)) for x in args.pair.split(",")]))
+    grid = list(itertools.product(args.kernel.split(","), [int(x) for x in args.bm.split(",")],
+                                  [int(x) for x in args.warps.split(",")], [int(x) for x in args.stages.split(",")],
+                                  [bool(int(x)) for x in args.pair.split(",")]))
+    # the sm90 kernel has no paired walk and exists for the FP8 path only
+    grid = [c for c in grid if c[0] == "tl" or not c[4]]
     for name in args.shapes.split(","):
         q, k, v = make_inputs(name)
         g = A._check(q, k, v, "HND")
         scale = g.d**-0.5
         flops = 4.0 * g.b * g.h * g.nq * g.nk * g.d
         for pv in args.pv.split(","):
-            buf = A._prep_qk(q, k, v, g, scale, pv)
+            # V's token order differs between the kernels: one preparation each
+            bufs = {kn: A._prep_qk(q, k, v, g, scale, pv, sm90=kn == "sm90") for kn in {c[0] for c in grid}}
             for topk in [float(x) for x in args.topk.split(",")]:
-                sel = A._select(buf, g, scale, False, "topk", 0.98, -1.0, topk, None)
-                for bm, warps, stages, pair in grid:
+                sel = A._select(next(iter(bufs.values())), g, scale, False, "topk", 0.98, -1.0, topk, None)
+                for kernel, bm, warps, stages, pair in grid:
+                    if kernel == "sm90" and pv != "fp8":
+                        continue
                     A.ATTN_CONFIG_OVERRIDE.clear()
-                    A.ATTN_CONFIG_OVERRIDE.update(block_m=bm, num_warps=warps, num_stages=stages, pair=pair)
+                    A.ATTN_CONFIG_OVERRIDE.update(block_m=bm, num_warps=warps, num_stages=stages, pair=pair, kernel=kernel)
+                    A.ATTN_CONFIG_OVERRIDE.update({kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.set.split(",") if kv})
                     try:
-                        fn = lambda: A._attend(buf, *sel[:3], q, g, False, None, pv)  # noqa: E731
+                        fn = lambda b=bufs[kernel], q=q: A._attend(b, *sel[:3], q, g, False, None, pv)  # noqa: E731
                         t = bench_ms(fn, budget_ms=400)
                         rel = ref_rel_l1(fn()[0], q, k, v) if topk == 1.0 else float("nan")
-                        print(f"{name:10s} {pv:4s} topk={topk:<4} bm={bm} warps={warps} stages={stages} pair={int(pair)}  "
+                        print(f"{name:10s} {pv:4s} {kernel:4s} topk={topk:<4} bm={bm} warps={warps} stages={stages} pair={int(pair)}  "
                               f"{t:8.3f} ms  {flops * topk / t / 1e9:6.0f} TOPS-eq  relL1={rel:.4f}", flush=True)
                     except Exception as exc:  # a config that does not compile (shared memory) is reported
-                        print(f"{name:10s} {pv:4s} topk={topk:<4} bm={bm} warps={warps} stages={stages} pair={int(pair)}  "
+                        print(f"{name:10s} {pv:4s} {kernel:4s} topk={topk:<4} bm={bm} warps={warps} stages={stages} pair={int(pair)}  "
                               f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
-            del buf
+            del bufs
         A.ATTN_CONFIG_OVERRIDE.clear()
         del q, k, v
         torch.cuda.empty_cache()
