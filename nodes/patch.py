@@ -146,9 +146,9 @@ class SpargeAttnPatch(io.ComfyNode):
                 "Sparse + quantized attention (SpargeAttn in Triton) for Flux, Wan 2.1/2.2 and HunyuanVideo. "
                 "For each 128-query block it predicts which 64-key blocks matter and computes only those, "
                 "with INT8 Q·Kᵀ and FP8 P·V. The gain grows with sequence length. Measured on an H100 "
-                "(random weights, top-k 0.5): attention 2.0x faster than dense SDPA at Wan 480p x 81 frames "
-                "(32 760 tokens), a whole Wan 2.1-1.3B step 1.47x, HunyuanVideo 720p 1.79x; but Flux 1024² "
-                "(4 608 tokens) attention 0.6-0.8x (slower), hence min_tokens. "
+                "(random weights, top-k 0.5): attention 2.3x faster than dense SDPA at Wan 480p x 81 frames "
+                "(32 760 tokens), a whole Wan 2.1-1.3B step 1.53x, HunyuanVideo 720p 1.92x; but Flux 1024² "
+                "(4 608 tokens) attention about 0.5x (slower: host-bound), hence min_tokens. "
                 "Cross-attention, masked attention, short sequences, the first steps and the "
                 "dense blocks stay dense; verbose logs why. Needs an NVIDIA GPU (sm80+) and Triton; "
                 "elsewhere the model runs dense. To undo: bypass this node (Ctrl+B) or remove it."),
@@ -160,8 +160,8 @@ class SpargeAttnPatch(io.ComfyNode):
                                        "to cover tau of the predicted attention mass (adapts per head)."),
                 _slider(io.Float, "topk", "top-k", 0.5, 0.05, 1.0, 0.01,
                         "mode topk: fraction of key blocks each query block computes. Wan 480p attention on "
-                        "an H100 vs dense SDPA: 0.5 -> 2.0x, 0.15 -> 5.9x, 1.0 (every block, quantization "
-                        "only) -> 1.0x; a whole Wan 2.1-1.3B step: 0.5 -> 1.47x, 0.3 -> 1.77x."),
+                        "an H100 vs dense SDPA: 0.5 -> 2.3x, 0.15 -> 6.5x, 1.0 (every block, quantization "
+                        "only) -> 1.2x; a whole Wan 2.1-1.3B step: 0.5 -> 1.53x, 0.3 -> 1.83x."),
                 _slider(io.Float, "cdf_threshold", "τ (cdf)", 0.98, 0.5, 1.0, 0.005,
                         "mode cdf: keep the most likely key blocks until their predicted attention mass "
                         "reaches tau. 0.98 is the upstream default; lower is sparser, 1.0 keeps all."),
