@@ -80,15 +80,15 @@ def _fp8x4(x):
 
 
 @gluon.jit
-def _as_operand(p8, p_layout: gl.constexpr):
+def _as_operand(p, p_layout: gl.constexpr):
     """P (in the Q.K^T accumulator layout) in the layout of the register operand of the P.V wgmma, without
     moving data: within each 32 keys the accumulator gives a thread keys 8g+2t+e (g < 4, t = lane % 4,
-    e < 2) and the operand wants keys 4t+i and 16+4t+i, so the registers are taken as they are and
-    the key index is relabelled by the bit permutation (c0, c1, c2, c3, c4) -> (c0, c3, c1, c2, c4).
-    V is stored with its tokens in the same order (``quant._sm90_token_order``), so P.V is unchanged."""
-    BM: gl.constexpr = p8.shape[0]
-    BN: gl.constexpr = p8.shape[1]
-    x = gl.reshape(p8, [BM, BN // 32, 2, 2, 2, 2, 2])  # (row, c5, c4, c3, c2, c1, c0)
+    e < 2) and the operand wants keys 4t+i and 16+4t+i, so the registers are taken as they are and key c
+    is relabelled k = c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4 (c_i: the bits of c). V is stored with token c at
+    position k (``quant.sm90_token_order``), so P.V is unchanged."""
+    BM: gl.constexpr = p.shape[0]
+    BN: gl.constexpr = p.shape[1]
+    x = gl.reshape(p, [BM, BN // 32, 2, 2, 2, 2, 2])  # (row, c5, c4, c3, c2, c1, c0)
     x = gl.permute(x, [0, 1, 2, 4, 5, 3, 6])  # (row, c5, c4, c2, c1, c3, c0)
     x = gl.reshape(x, [BM, BN])
     return gl.convert_layout(x, p_layout, assert_trivial=True)

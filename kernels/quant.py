@@ -201,8 +201,8 @@ def _qk_prep_kernel(
 
 @triton.jit
 def sm90_token_order(n):
-    """Where token ``n`` sits in the FP8 V of the Hopper kernel (``attention_sm90._as_operand``): within
-    each 32 tokens the index bits (c0, c1, c2, c3, c4) move to (c0, c2, c3, c1, c4)."""
+    """Where token ``n`` sits in the FP8 V of the Hopper kernel (``attention_sm90._as_operand``): token c
+    of each 32 (bits c0..c4) at position c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4."""
     c = n & 31
     return (n - c) | (c & 1) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 16)
 

@@ -210,9 +210,9 @@ def test_walk_configs(block_m, pair, causal):
 
 
 def test_sm90_v_token_order():
-    """V as the Hopper kernel reads it: the same FP8 values as the portable layout, with the tokens of
-    each 32 moved by the bit permutation (c0, c1, c2, c3, c4) -> (c0, c2, c3, c1, c4) that matches the
-    kernel's relabelling of P (kernels/attention_sm90.py, _as_operand)."""
+    """V as the Hopper kernel reads it: the same FP8 values as the portable layout, with token c of each
+    32 at position c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4 (c_i: the bits of c), the kernel's relabelling of P
+    (kernels/attention_sm90.py, _as_operand)."""
     from sparge_pack.kernels import api as A
 
     q, k, v = _local(1, 2, 300, 64, _gen(_seed()))
