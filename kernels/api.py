@@ -35,7 +35,10 @@ try:
         from triton import knobs as _KNOBS
     except ImportError:  # Triton < 3.4: no knobs, so no fast launch (the JIT path is used)
         _KNOBS = None
-    try:  # the Hopper kernel needs Triton's Gluon language (Triton >= 3.5)
+    try:  # the Hopper kernel is written in Triton's Gluon language, experimental and changing between
+        # releases: it is used with the Triton it was written and tested for, others get the portable kernel
+        if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 6):
+            raise ImportError(f"the Gluon kernel is tested with Triton 3.6, this is {triton.__version__}")
         from triton.experimental.gluon import language as _gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _TensorDescriptor
 
