@@ -34,7 +34,6 @@ def main():
     ap.add_argument("--pair", default="0,1")
     ap.add_argument("--bm", default="128", help="query rows per program (64 or 128)")
     ap.add_argument("--kernel", default="tl", help="tl (kernels/attention.py) and/or sm90 (kernels/attention_sm90.py)")
-    ap.add_argument("--set", default="", help="extra ATTN_CONFIG_OVERRIDE entries, e.g. i2f=0")
     ap.add_argument("--profile", action="store_true", help="only print per-kernel GPU times of whole calls")
     args = ap.parse_args()
     if args.profile:
@@ -59,7 +58,6 @@ def main():
                         continue
                     A.ATTN_CONFIG_OVERRIDE.clear()
                     A.ATTN_CONFIG_OVERRIDE.update(block_m=bm, num_warps=warps, num_stages=stages, pair=pair, kernel=kernel)
-                    A.ATTN_CONFIG_OVERRIDE.update({kv.split("=")[0]: int(kv.split("=")[1]) for kv in args.set.split(",") if kv})
                     try:
                         fn = lambda b=bufs[kernel], q=q: A._attend(b, *sel[:3], q, g, False, None, pv)  # noqa: E731
                         t = bench_ms(fn, budget_ms=400)
