@@ -430,6 +430,11 @@ def _sm90_config(dp: int, q_blocks: int) -> dict:
     return cfg
 
 
+def _sm90_covers(dp: int, pv_dtype: str, causal: bool, pv_skip: bool) -> bool:
+    """The calls the Hopper kernel implements: FP8 P.V, padded head dim 64 or 128, no causal mask, no P.V skip."""
+    return pv_dtype == "fp8" and dp in (64, 128) and not causal and not pv_skip
+
+
 def _use_sm90(device: torch.device, dp: int, pv_dtype: str, causal: bool, pv_skip: bool) -> bool:
     """Whether the call's attention runs in the Hopper kernel: an sm_90 GPU, Gluon available, FP8 P.V,
     head dim 64 or 128 (padded), no causal mask and no stage-2 skip. ``ATTN_CONFIG_OVERRIDE["kernel"]``
@@ -446,7 +451,7 @@ def _use_sm90(device: torch.device, dp: int, pv_dtype: str, causal: bool, pv_ski
         reason = "not a CUDA device"
     elif _capability(device.index if device.index is not None else torch.cuda.current_device()) != (9, 0):
         reason = "not an sm_90 GPU"
-    elif pv_dtype != "fp8" or dp not in (64, 128) or causal or pv_skip:
+    elif not _sm90_covers(dp, pv_dtype, causal, pv_skip):
         reason = "it covers FP8 P.V at head dim <= 128 without causal mask or P.V skip"
     if reason is not None and want == "sm90":
         raise ValueError(f"the sm90 attention kernel cannot run this call: {reason}; set SPARGEATTN_KERNEL=auto")

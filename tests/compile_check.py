@@ -113,8 +113,7 @@ def drive(arch: int, full: bool):
     A.unavailable_reason = lambda device: None
     A.default_pv_dtype = lambda device: "fp8" if fp8 else "fp16"
     if arch == 90 and A._attn_kernel_sm90 is not None:  # the calls an H100 sends to the Gluon kernel
-        A._use_sm90 = lambda device, dp, pv, causal, pv_skip: pv == "fp8" and dp in (64, 128) and not causal \
-            and not pv_skip
+        A._use_sm90 = lambda device, dp, pv, causal, pv_skip: A._sm90_covers(dp, pv, causal, pv_skip)
     dims = (64, 72, 128, 256) if full else (64, 128, 256)
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     for d in dims:
