@@ -10,6 +10,7 @@ FP8 target of 0.03 is NOT met: two independent e4m3 roundings (P and V, 3 mantis
 cost ~0.035 on their own (see bench/NOTES.md), so 0.03 needs a second P.V product or FP16.
 """
 
+import contextlib
 import math
 import os
 import random
@@ -62,6 +63,18 @@ def _rel(out, ref):
 
 def _local(b, h, n, d, gen, dtype=torch.float16, hk=None):
     return R.local_qkv(b, h, n, d, dtype=dtype, device=DEV, generator=gen, hk=hk)
+
+
+@contextlib.contextmanager
+def _attn_config(**kw):
+    """Force launch choices of the attention (``api.ATTN_CONFIG_OVERRIDE``) inside the block."""
+    from sparge_pack.kernels import api as A
+
+    A.ATTN_CONFIG_OVERRIDE.update(kw)
+    try:
+        yield
+    finally:
+        A.ATTN_CONFIG_OVERRIDE.clear()
 
 
 # --------------------------------------------------------------------------------------------- stage 1
@@ -190,8 +203,6 @@ def test_sparse_matches_reference(pv, mode, causal):
 def test_walk_configs(block_m, pair, causal):
     """Every walk of the LUT the launch code can choose (64- or 128-row programs, single or paired
     K blocks), forced at one shape: the output matches the reference's emulation of that walk."""
-    from sparge_pack.kernels import api as A
-
     seed = _seed()
     gen = _gen(seed)
     n = 1000 if not ON_GPU else 8192
@@ -199,11 +210,8 @@ def test_walk_configs(block_m, pair, causal):
     pv = PV_PATHS[0]
     mask = predict_block_mask(q, k, mode="topk", topk=0.6, sim_threshold=-1.0, causal=causal)
     out = _nan_like(q)
-    A.ATTN_CONFIG_OVERRIDE.update(block_m=block_m, pair=pair, kernel="tl")
-    try:
+    with _attn_config(block_m=block_m, pair=pair, kernel="tl"):
         block_sparse_attn(q, k, v, mask, causal=causal, pv_dtype=pv, out=out)
-    finally:
-        A.ATTN_CONFIG_OVERRIDE.clear()
     emu, _ = R.block_sparse_attention(q, k, v, mask, causal=causal, quant=pv, rows_per_decision=block_m, pair=pair)
     assert bool(torch.isfinite(out).all()), f"seed={seed}"
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
@@ -467,8 +475,6 @@ def _is_sm90():
 def test_sm90_kernel(d, n, cfg):
     """The Hopper kernel, forced, in several launch configs: matches the reference's emulation of a
     single-block walk as tightly as the portable kernel does, and agrees with the portable kernel."""
-    from sparge_pack.kernels import api as A
-
     seed = _seed()
     gen = _gen(seed)
     q, k, v = _local(1, 2, n, d, gen, dtype=torch.bfloat16)
@@ -477,11 +483,8 @@ def test_sm90_kernel(d, n, cfg):
     outs = {}
     for kernel in ("sm90", "tl"):
         outs[kernel] = _nan_like(q)
-        A.ATTN_CONFIG_OVERRIDE.update(cfg, kernel=kernel)
-        try:
+        with _attn_config(**cfg, kernel=kernel):
             block_sparse_attn(q, k, v, mask, pv_dtype="fp8", out=outs[kernel])
-        finally:
-            A.ATTN_CONFIG_OVERRIDE.clear()
     out = outs["sm90"]
     tag = f"seed={seed} cfg={cfg}"
     assert bool(torch.isfinite(out).all()), tag
@@ -526,16 +529,10 @@ def test_bad_input_errors():
 def test_kernel_choice_errors():
     """SPARGEATTN_KERNEL / ATTN_CONFIG_OVERRIDE["kernel"]: an unknown value, or forcing the Hopper kernel
     onto a call it does not cover (causal here, on any machine), is a clear error, raised before any launch."""
-    from sparge_pack.kernels import api as A
-
     q = torch.randn(1, 2, 300, 64, device=DEV)
     for kernel, match in (("bogus", "'auto', 'tl' or 'sm90'"), ("sm90", "cannot run this call.*SPARGEATTN_KERNEL=auto")):
-        A.ATTN_CONFIG_OVERRIDE["kernel"] = kernel
-        try:
-            with pytest.raises(ValueError, match=match):
-                sparge_attn(q, q, q, causal=True)
-        finally:
-            A.ATTN_CONFIG_OVERRIDE.clear()
+        with _attn_config(kernel=kernel), pytest.raises(ValueError, match=match):
+            sparge_attn(q, q, q, causal=True)
 
 
 def test_empty_mask_rows_are_zero():
