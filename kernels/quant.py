@@ -115,6 +115,12 @@ def _inv_scale(amax):
 
 
 @triton.jit
+def _stored_scale(scale, amax, mult):
+    """The scale as stored for the attention: times ``mult``, floored at TINY, NaN for a non-finite group."""
+    return tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
+
+
+@triton.jit
 def _store_int8(X8, bh, N_PAD, DP: tl.constexpr, rows, cols, y):
     """Round the scaled rows ``y`` to INT8 and store them at ``X8[bh, rows, :DP]``."""
     tl.store(X8 + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :], _to_int8(y))
@@ -179,8 +185,7 @@ def _qk_prep_kernel(
         if PER_TOKEN:
             scale, inv = _inv_scale(amax)
             _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv[:, None])
-            scale = tl.where(amax == INF, float("nan"), tl.maximum(scale * mult, TINY))
-            tl.store(XS + bh.to(tl.int64) * N_PAD + rows, scale)
+            tl.store(XS + bh.to(tl.int64) * N_PAD + rows, _stored_scale(scale, amax, mult))
         elif SUB == BLK:  # one piece: its |max| is the block's, no second read
             _, inv = _inv_scale(amax_blk)
             _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
@@ -195,8 +200,7 @@ def _qk_prep_kernel(
                 rows = blk * BLK + t * SUB + tl.arange(0, SUB)
                 x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
                 _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
-        scale = tl.where(amax_blk == INF, float("nan"), tl.maximum(scale * mult, TINY))
-        tl.store(XS + bh.to(tl.int64) * NB + blk, scale)
+        tl.store(XS + bh.to(tl.int64) * NB + blk, _stored_scale(scale, amax_blk, mult))
 
 
 @triton.jit
