@@ -63,11 +63,14 @@ def main(argv=None):
         "torch.empty x1": lambda: torch.empty(24, 4608, 128, device="cuda", dtype=torch.int8),
         "torch.empty_like(q) x1": lambda: torch.empty_like(q),
     }
-    for fast in (True, False):
-        A._Fast.enabled = fast
-        for name, fn in parts.items():
-            print(f"fast launch {'on ' if fast else 'off'} {name:28s} {host_us(fn, 20):8.1f} us")
-    A._Fast.enabled = True
+    from kernels import launch as L
+
+    for plans, fast in ((True, True), (False, True), (False, False)):
+        L.Plan.enabled, L._Fast.enabled = plans, fast
+        mode = f"plans {'on ' if plans else 'off'}, fast launch {'on ' if fast else 'off'}"
+        for name, fn in (parts.items() if not plans else [("whole call", f)]):
+            print(f"{mode} {name:28s} {host_us(fn, 20):8.1f} us")
+    L.Plan.enabled, L._Fast.enabled = True, True
     pstats.Stats(prof).sort_stats("tottime").print_stats(a.top)
     return 0
 

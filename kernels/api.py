@@ -10,6 +10,11 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 6. ``_select_kernel``    TopCdf / TopK per row -> sorted LUT of kept K blocks + counts
 7. ``_attn_kernel``      the attention over the LUT (``_attn_kernel_sm90``, the Gluon kernel of
                          ``attention_sm90.py``, on sm_90 GPUs for FP8 P.V without causal mask or P.V skip)
+8. ``_stats_kernel``     with ``return_stats=True``: per-head density and P.V skip fraction
+
+``sparge_attn`` records the launches of the first call with a given plan key and replays them on
+later calls with one workspace allocation and raw pointers (``launch.py``): ~120 us of host time per
+Flux-size call instead of ~480 on the H100 machine, so such calls are GPU-bound.
 """
 
 from __future__ import annotations
@@ -22,19 +27,16 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .launch import Recorder, _Fast, interpreting as _interpreting, new_buffer, replay_allowed
 from .config import BLOCK_K, BLOCK_Q, MAX_HEAD_DIM, P_SCALE_LOG2, V_FP8_MAX
 
 try:
     import triton
 
     from .attention import _attn_kernel
-    from .predict import _scores_kernel, _select_kernel
+    from .predict import _scores_kernel, _select_kernel, _stats_kernel
     from .quant import _colstats_kernel, _qk_prep_kernel, _v_prep_kernel
 
-    try:
-        from triton import knobs as _KNOBS
-    except ImportError:  # Triton < 3.4: no knobs, so no fast launch (the JIT path is used)
-        _KNOBS = None
     try:  # the Hopper kernel is written in Triton's Gluon language, experimental and changing between
         # releases: it is used with the Triton it was written and tested for, others get the portable kernel
         if tuple(int(x) for x in triton.__version__.split(".")[:2]) != (3, 6):
@@ -59,10 +61,6 @@ Threshold = Union[float, torch.Tensor]
 __all__ = [
     "sparge_attn", "predict_block_mask", "block_sparse_attn", "unavailable_reason", "default_pv_dtype", "walk_options",
 ]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,72 +204,6 @@ def _ranges(keep_ranges: Optional[Sequence[Tuple[int, int]]]):
     return [x for r in rs for x in r]
 
 
-class _Fast:
-    """``_Fast(kernel)[grid](*args, **meta)`` launches like ``kernel[grid](*args, **meta)``, minus most of
-    Triton's per-launch Python (~25 us of host time per launch, which made Flux-size calls host-bound).
-
-    The first launch of each specialization goes through Triton's JIT, which compiles and returns
-    the compiled kernel; later launches call that kernel's launcher directly. The cache key holds
-    everything Triton 3.x specializes a compiled kernel on: per tensor its dtype and 16-byte
-    alignment; per int whether it is 1, a multiple of 16 and its integer width; the constexprs and
-    launch options by value. Any surprise from the launcher (another Triton's API) turns the fast
-    path off for the process and falls back to the JIT. Not used in the interpreter."""
-
-    enabled = True
-    cache: dict = {}
-    wrappers: dict = {}
-
-    @classmethod
-    def get(cls, fn) -> "_Fast":
-        w = cls.wrappers.get(fn)
-        if w is None:
-            w = cls.wrappers[fn] = cls(fn)
-        return w
-
-    def __init__(self, fn):
-        self.fn = fn
-        names = getattr(fn, "arg_names", None)  # None: not a JITFunction (e.g. tests/compile_check.py)
-        self.names = list(names) if names is not None else None
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: self.launch(grid, args, meta)
-
-    @staticmethod
-    def _spec(a):
-        if isinstance(a, torch.Tensor):
-            return a.dtype, (a.data_ptr() & 15) == 0
-        if type(a) is int:
-            return a == 1, (a & 15) == 0, -0x80000000 <= a <= 0x7FFFFFFF
-        return type(a)
-
-    def launch(self, grid, args, meta):
-        fn = self.fn
-        if not _Fast.enabled or self.names is None or _KNOBS is None or _interpreting():
-            return fn[grid](*args, **meta)
-        dev = torch.cuda.current_device()
-        key = (fn, dev, tuple(meta.items()), tuple(map(_Fast._spec, args)))
-        hit = _Fast.cache.get(key)
-        if hit is None:
-            kernel = fn[grid](*args, **meta)
-            rest = self.names[len(args):]
-            if all(n in meta for n in rest) and all(
-                    hasattr(kernel, a) for a in ("run", "function", "packed_metadata", "launch_metadata")):
-                _Fast.cache[key] = (kernel, tuple(meta[n] for n in rest))
-            return kernel
-        kernel, tail = hit
-        full = args + tail
-        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
-        stream = torch._C._cuda_getCurrentRawStream(dev)
-        enter, leave = _KNOBS.runtime.launch_enter_hook, _KNOBS.runtime.launch_exit_hook
-        meta_l = kernel.launch_metadata(grid, stream, *full)  # None unless a profiler hooks launches
-        try:
-            kernel.run(g0, g1, g2, stream, kernel.function, kernel.packed_metadata, meta_l, enter, leave, *full)
-        except (TypeError, AttributeError):  # a launcher this code does not know: argument parsing failed
-            _Fast.enabled = False
-            return fn[grid](*args, **meta)
-        return kernel
-
-
 def _launch_guard(device: torch.device):
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
@@ -307,18 +239,18 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     rows_per_chunk = max(r, _cdiv(_cdiv(g.nk, 64), r) * r)
     nchunk = _cdiv(g.nk, rows_per_chunk)
     f32 = torch.float32
-    ksum = torch.empty(g.b * g.hk, nchunk, g.dp, device=dev, dtype=f32)
-    vmax = torch.empty_like(ksum)
+    ksum = new_buffer((g.b * g.hk, nchunk, g.dp), f32, dev)
+    vmax = new_buffer(ksum.shape, f32, dev)
     _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax,
         g.hk, g.nk, g.d, rows_per_chunk, nchunk,
         DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=PREP_WARPS["colstats"],
     )
     buf = {}
-    buf["q8"] = torch.empty(g.b * g.h, g.nq_pad, g.dp, device=dev, dtype=torch.int8)
-    buf["qs"] = torch.empty(g.b * g.h, g.nq_pad, device=dev, dtype=f32)
-    buf["pool_q"] = torch.empty(g.b * g.h, g.nqb, g.dp, device=dev, dtype=f32)
-    buf["sim_q"] = torch.empty(g.b * g.h, g.nqb, device=dev, dtype=f32)
+    buf["q8"] = new_buffer((g.b * g.h, g.nq_pad, g.dp), torch.int8, dev)
+    buf["qs"] = new_buffer((g.b * g.h, g.nq_pad), f32, dev)
+    buf["pool_q"] = new_buffer((g.b * g.h, g.nqb, g.dp), f32, dev)
+    buf["sim_q"] = new_buffer((g.b * g.h, g.nqb), f32, dev)
     _Fast.get(_qk_prep_kernel)[(g.nqb, g.b * g.h)](
         qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
         g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
@@ -326,10 +258,10 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
         SUB=min(PREP_ROWS["q"], BLOCK_Q), num_warps=PREP_WARPS["q"],
     )
     kkey = "k64" if g.dp <= 64 else "k"
-    buf["k8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.int8)
-    buf["ks"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
-    buf["pool_k"] = torch.empty(g.b * g.hk, g.nkb, g.dp, device=dev, dtype=f32)
-    buf["sim_k"] = torch.empty(g.b * g.hk, g.nkb, device=dev, dtype=f32)
+    buf["k8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.int8, dev)
+    buf["ks"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
+    buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
+    buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
     _Fast.get(_qk_prep_kernel)[(g.nkb, g.b * g.hk)](
         kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
         g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
@@ -339,10 +271,10 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     if v is not None:
         fp8 = pv_dtype == "fp8"
         if fp8:
-            buf["v8"] = torch.empty(g.b * g.hk, g.dp, g.nk_pad, device=dev, dtype=torch.float8_e4m3fn)
+            buf["v8"] = new_buffer((g.b * g.hk, g.dp, g.nk_pad), torch.float8_e4m3fn, dev)
         else:
-            buf["v8"] = torch.empty(g.b * g.hk, g.nk_pad, g.dp, device=dev, dtype=torch.float16)
-        buf["vs"] = torch.empty(g.b * g.hk, g.dp, device=dev, dtype=f32)
+            buf["v8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.float16, dev)
+        buf["vs"] = new_buffer((g.b * g.hk, g.dp), f32, dev)
         _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](
             vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
             g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
@@ -358,10 +290,10 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
     """Launches 5-6. Returns (lut, cnt, cnt_full, mask-or-None)."""
     dev = buf["q8"].device
     rows = g.b * g.h
-    lut = torch.empty(rows, g.nqb, g.nkb, device=dev, dtype=torch.int32)
-    cnt = torch.empty(rows, g.nqb, device=dev, dtype=torch.int32)
-    cnt_full = torch.empty_like(cnt)
-    mask_out = torch.empty(g.b, g.h, g.nqb, g.nkb, device=dev, dtype=torch.bool) if write_mask else cnt
+    lut = new_buffer((rows, g.nqb, g.nkb), torch.int32, dev)
+    cnt = new_buffer((rows, g.nqb), torch.int32, dev)
+    cnt_full = new_buffer(cnt.shape, torch.int32, dev)
+    mask_out = new_buffer((g.b, g.h, g.nqb, g.nkb), torch.bool, dev) if write_mask else cnt
     nkb_p2 = max(16, _p2(g.nkb))
     # the bisection is 32 dependent row reductions: one warp per row keeps them in shuffles
     warps = 1 if nkb_p2 <= 1024 else (2 if nkb_p2 <= 4096 else 4)
@@ -376,7 +308,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         tau = _threshold(cdf_threshold, "cdf_threshold", g, dev, 0.0, 1.0)
         theta = _threshold(sim_threshold, "sim_threshold", g, dev, -math.inf, math.inf)
         frac = _threshold(topk, "topk", g, dev, 0.0, 1.0)
-        scores = torch.empty(rows, g.nqb, g.nkb, device=dev, dtype=torch.float32)
+        scores = new_buffer((rows, g.nqb, g.nkb), torch.float32, dev)
         tm = 64 if g.dp <= 128 else 32
         _Fast.get(_scores_kernel)[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
             buf["pool_q"], buf["pool_k"], scores, g.h, g.h // g.hk, g.nqb, g.nkb, scale,
@@ -519,7 +451,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
     sub = BLOCK_Q // bm
     pv_skip = pv_threshold is not None
     pv_val, pv_t = _threshold(pv_threshold, "pv_threshold", g, q.device, 0.0, math.inf) if pv_skip else (0.0, None)
-    skip = torch.empty(g.b * g.h, g.nqb * sub, device=q.device, dtype=torch.int32) if pv_skip else cnt
+    skip = new_buffer((g.b * g.h, g.nqb * sub), torch.int32, q.device) if pv_skip else cnt
     _Fast.get(_attn_kernel)[(g.nqb * sub, g.b * g.h)](
         buf["q8"], buf["qs"], buf["k8"], buf["ks"], buf["v8"], buf["vs"], lut, cnt, cnt_full, skip,
         oh, *oh.stride(),
@@ -533,21 +465,22 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
     return out, (skip if pv_skip else None), sub
 
 
-def _stats(g: _Geom, cnt, skip, sub: int, causal: bool) -> dict:
-    """Per-head statistics as device tensors (no host sync)."""
-    computed = cnt.view(g.b, g.h, g.nqb).sum(dim=(0, 2)).to(torch.float32)
+#: the statistics of ``return_stats=True``, in the row order of the stats kernel's output
+STAT_KEYS = ("density", "pv_skipped", "blocks_computed", "blocks_total")
+
+
+def _stats(g: _Geom, cnt, skip, sub: int, causal: bool, st: Optional[torch.Tensor] = None) -> dict:
+    """Per-head statistics as device tensors (no host sync), computed by one launch into ``st``
+    (4 x H float32, allocated here when not given); returns views of its rows by ``STAT_KEYS``."""
+    if st is None:
+        st = torch.empty(4, g.h, device=cnt.device, dtype=torch.float32)
     total = float(g.b * g.visible_blocks(causal))
-    stats = {
-        "density": computed / total,
-        "blocks_computed": computed,
-        "blocks_total": torch.full_like(computed, total),
-    }
-    if skip is not None:
-        skipped = skip.view(g.b, g.h, -1).sum(dim=(0, 2)).to(torch.float32) / sub
-        stats["pv_skipped"] = skipped / computed.clamp_min(1.0)
-    else:
-        stats["pv_skipped"] = torch.zeros_like(computed)
-    return stats
+    nprog = g.nqb * sub
+    _Fast.get(_stats_kernel)[(g.h,)](
+        cnt, skip if skip is not None else cnt, st, g.b, g.h, g.nqb, nprog, total, float(sub),
+        HAS_SKIP=skip is not None, BLK=min(1024, max(16, _p2(max(g.nqb, nprog)))), num_warps=4,
+    )
+    return dict(zip(STAT_KEYS, st.unbind(0)))
 
 
 def _resolve_pv(pv_dtype: str, device) -> str:
@@ -638,8 +571,98 @@ def sparge_attn(
 _OP_CALL = None
 
 
+#: launch plans by plan key (see ``launch.Plan``); None marks a key whose launches could not be
+#: recorded (its calls keep the normal path). Cleared when it reaches ``_PLAN_LIMIT`` entries.
+_PLANS: dict = {}
+_PLAN_LIMIT = 512
+#: Plans only for calls with B*H*Nq*Nk up to this. Above it a call's GPU time (>= ~1 ms on an H100)
+#: hides the normal path's host time, and a replay would cost memory: its workspace keeps the pooled
+#: score map (B*H*Nq*Nk/2048 bytes, 2 MiB at this limit; 166 MB at HunyuanVideo 720p) alive through
+#: the attention, where the normal path has freed it before the output is allocated.
+_PLAN_MAX_WORK = 1 << 32
+_SLOTS = 9  # q, k, v, out, stats, then the per-head cdf, sim, topk and pv threshold tensors
+
+
+def _plan_part(value, heads: int):
+    """A threshold's part of the plan key; ``...`` when the call cannot have a plan."""
+    if value is None or type(value) in (float, int, bool):
+        return value
+    # per-head tensors on the GPU (on the CPU their values are checked per call, which a replay would skip)
+    if isinstance(value, torch.Tensor) and value.device.type == "cuda" and value.numel() == heads > 1:
+        return value.shape, value.stride(), value.dtype, value.device, (value.data_ptr() & 15) == 0
+    return ...
+
+
+def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype):
+    """Everything a call's launch arguments are computed from, or None when the call takes the normal
+    path (odd argument types, a device other than the current one)."""
+    if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        return None
+    dev = q.device
+    if dev.type == "cuda":
+        if dev.index != torch.cuda.current_device():
+            return None
+    elif not _interpreting():
+        return None
+    if q.dim() != 4 or k.dim() != 4 or layout not in ("HND", "NHD"):
+        return None
+    hd, nd = (1, 2) if layout == "HND" else (2, 1)
+    heads = q.shape[hd]
+    if q.shape[0] * heads * q.shape[nd] * k.shape[nd] > _PLAN_MAX_WORK:
+        return None
+    parts = tuple(_plan_part(t, heads) for t in thresholds)
+    if ... in parts or not (scale is None or type(scale) in (float, int)):
+        return None
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            return None
+        out = (out.shape, out.stride(), out.dtype, out.device, (out.data_ptr() & 15) == 0)
+    if keep_ranges is not None:
+        try:
+            keep_ranges = tuple((int(a), int(b)) for a, b in keep_ranges)
+        except (TypeError, ValueError):
+            return None
+    tensors = tuple((t.shape, t.stride(), t.dtype, t.device, (t.data_ptr() & 15) == 0) for t in (q, k, v))
+    knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
+             tuple(PREP_ROWS.items()))
+    return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, knobs
+
+
 def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_threshold, pv_threshold, topk,
                  keep_ranges, return_stats, pv_dtype, out):
+    thresholds = (cdf_threshold, sim_threshold, topk, pv_threshold)
+    key = None
+    if replay_allowed():
+        try:
+            key = _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges, return_stats,
+                            pv_dtype)
+        except TypeError:  # an unhashable argument: the normal path reports what is wrong with it
+            key = None
+    plan = _PLANS.get(key, ...) if key is not None else None
+    if plan is None:  # no plan for such calls
+        return _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out)
+    if out is None:
+        out = torch.empty_like(q)  # keeps q's memory order (dense inputs), so NHD views stay NHD
+    st = None
+    if return_stats:
+        st = torch.empty(4, q.shape[1 if layout == "HND" else 2], device=q.device, dtype=torch.float32)
+    inputs = (q, k, v, out, st) + tuple(t if isinstance(t, torch.Tensor) else None for t in thresholds)
+    if plan is ...:  # first call with this key: the normal path, recorded
+        with Recorder(inputs) as rec:
+            res = _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st)
+        if len(_PLANS) >= _PLAN_LIMIT:
+            _PLANS.clear()
+        _PLANS[key] = rec.plan()
+        return res
+    plan.run(inputs, q.device)
+    if return_stats:
+        return out, dict(zip(STAT_KEYS, st.unbind(0)))
+    return out
+
+
+def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st=None):
+    """The call through Python (checks, buffers, launches): what a plan records and replays."""
+    cdf_threshold, sim_threshold, topk, pv_threshold = thresholds
     g = _check(q, k, v, layout)
     scale = g.d**-0.5 if scale is None else float(scale)
     if sim_threshold is None:
@@ -649,8 +672,8 @@ def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_thr
         buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
-    if return_stats:
-        return out, _stats(g, cnt, skip, sub, causal)
+        if return_stats:
+            return out, _stats(g, cnt, skip, sub, causal, st)
     return out
 
 
@@ -723,6 +746,6 @@ def block_sparse_attn(
         buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, "cdf", 1.0, 0.0, 1.0, None, block_mask=bm)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
-    if return_stats:
-        return out, _stats(g, cnt, skip, sub, causal)
+        if return_stats:
+            return out, _stats(g, cnt, skip, sub, causal)
     return out

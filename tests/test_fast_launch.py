@@ -1,4 +1,4 @@
-"""The fast launch path's cache key (``kernels.api._Fast``) must separate every pair of arguments
+"""The fast launch path's cache key (``kernels.launch._Fast``) must separate every pair of arguments
 that Triton compiles differently; otherwise a later call would run a kernel specialized for
 another argument (e.g. an int assumed divisible by 16). Checked against Triton's own
 specialization function; the launches themselves run in the GPU tier of the kernel tests."""
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sparge_pack.kernels.api import _Fast
+from sparge_pack.kernels.launch import _Fast
 
 
 def _native():
