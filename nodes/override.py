@@ -351,15 +351,18 @@ class SpargeState:
             return f"{options.get('block_type', 'block')}.{block}"
         return f"call.{(self.eval or EvalContext()).calls}"
 
-    def run_sparse(self, view: CallView, layout: TokenLayout, options: dict, scale) -> torch.Tensor:
-        """Run the kernel on an eligible call; returns the output in ``view.layout``."""
+    def run_sparse(self, view: CallView, layout: TokenLayout, options: dict, scale,
+                   tokens_major_out: bool = False) -> torch.Tensor:
+        """Run the kernel on an eligible call; returns the output in ``view.layout``.
+        ``tokens_major_out``: the caller wants (B, N, H*D), so an HND output is written in that memory
+        order (its reshape is then a view instead of a copy)."""
         ctx = self.eval or EvalContext()
         key = self.layer_key(options)
         if self.thresholds is not None:
             kernel_options = self.thresholds.kernel_options(key, view.heads, view.q.device)
         else:
             kernel_options = self.config.kernel_options()
-        out, stats = self._kernel_call(view, layout, scale, kernel_options)
+        out, stats = self._kernel_call(view, layout, scale, kernel_options, tokens_major_out)
         ctx.calls += 1
         self._step.add_sparse(key, stats["density"], stats["pv_skipped"])
         self.log_once(f"sparse {view.layout} {view.n_q} {layout.keep_ranges}",
@@ -382,7 +385,8 @@ class SpargeState:
         self.tuner.observe(key, output_layout(out, view, skip_output_reshape), ref, skip_output_reshape, stats)
         self.count_dense(Dense(TUNING))
 
-    def _kernel_call(self, view: CallView, layout: TokenLayout, scale, kernel_options: dict):
+    def _kernel_call(self, view: CallView, layout: TokenLayout, scale, kernel_options: dict,
+                     tokens_major_out: bool = False):
         """The kernel on q, k, v (in the configured token order); (output in ``view.layout``, stats)."""
         q, k, v = view.q, view.k, view.v
         inverse = None
@@ -390,9 +394,13 @@ class SpargeState:
             perm, inverse = sequence_permutation(tuple(int(g) for g in layout.grid), layout.grid_start,
                                                  view.n_q, q.device)
             q, k, v = (t.index_select(view.token_dim, perm) for t in (q, k, v))
+        extra = {}
+        if tokens_major_out and inverse is None and view.layout == "HND":
+            b, h, n, d = q.shape
+            extra["out"] = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         out, stats = self.kernel.attn(
             q, k, v, layout=view.layout, scale=scale, keep_ranges=list(layout.keep_ranges) or None,
-            return_stats=True, **kernel_options)
+            return_stats=True, **extra, **kernel_options)
         if inverse is not None:
             out = out.index_select(view.token_dim, inverse)
         return out, stats
@@ -447,7 +455,8 @@ class SpargeOverride:
             ref = dense()
             state.tune(view, decision, kwargs, ref, skip_output_reshape)
             return ref
-        out = state.run_sparse(view, decision, kwargs.get("transformer_options") or {}, kwargs.get("scale"))
+        out = state.run_sparse(view, decision, kwargs.get("transformer_options") or {}, kwargs.get("scale"),
+                               tokens_major_out=not skip_output_reshape)
         return output_layout(out, view, skip_output_reshape)
 
 

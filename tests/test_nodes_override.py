@@ -150,6 +150,24 @@ def test_sparse_path_layouts(skip_reshape, skip_output_reshape):
     assert c["pv_threshold"] is None and not reasons(state)
 
 
+@pytest.mark.parametrize("skip_output_reshape", [False, True])
+def test_the_real_kernel_writes_the_output_in_the_callers_token_order(skip_output_reshape):
+    """(B, H, N, D) inputs whose output goes back as (B, N, H*D) (Flux, HunyuanVideo): the kernel writes
+    token-major memory, so the final reshape is a view, not a copy; the values are the kernel's own."""
+    from sparge_pack.kernels import sparge_attn
+
+    state = make(mode="topk", topk=0.5)
+    q, kk, v = (t.to(torch.bfloat16) for t in qkv(h=2, n=300, d=64, layout="HND"))
+    out = call(state, q, kk, v, 2, skip_reshape=True, skip_output_reshape=skip_output_reshape)
+    ref = sparge_attn(q, kk, v, layout="HND", **state.config.kernel_options())
+    assert not reasons(state)
+    if skip_output_reshape:
+        assert torch.equal(out, ref)
+    else:
+        assert out.shape == (1, 300, 128) and out._base is not None  # a view of what the kernel wrote
+        assert torch.equal(out, ref.transpose(1, 2).reshape(1, 300, 128))
+
+
 def test_text_tokens_are_protected_for_joint_attention():
     k = FakeKernel()
     state = make(family=TEXT_FIRST, kernel=k)
