@@ -66,7 +66,7 @@ def test_replay_matches_normal_path(case):
     assert torch.equal(out1, ref1)
     q, k, v = _inputs(seed + 1, kw["layout"])  # fresh inputs, the same key
     out = torch.full_like(q, float("nan"))
-    out2, st2 = sparge_attn(q, k, v, return_stats=True, out=out, **kw)
+    out2, st2 = sparge_attn(q, k, v, return_stats=True, out=out, **kw)  # recorded (out is in the key)
     assert out2 is out
     ref2, rst2 = _normal(q, k, v, kw)
     assert not torch.isnan(out2).any(), f"replay left elements unwritten, seed={seed}"
@@ -75,9 +75,15 @@ def test_replay_matches_normal_path(case):
         assert torch.equal(st2[key], rst2[key]), f"{key}: {st2[key]} vs {rst2[key]}, seed={seed}"
     assert not torch.equal(out2, out1)  # the replay did read the new inputs
     assert _key_count() == 2  # a caller's out is part of the key (its strides are launch arguments)
+    replays = L.Plan.replays
     out3 = sparge_attn(q, k, v, return_stats=True, **kw)[0]  # replay of the first plan, on new inputs
+    assert L.Plan.replays == replays + 1
     assert torch.equal(out3, ref2)
     assert _key_count() == 2
+    out4 = torch.full_like(q, float("nan"))
+    out5, st5 = sparge_attn(q, k, v, return_stats=True, out=out4, **kw)  # replay of the second plan
+    assert L.Plan.replays == replays + 2 and out5 is out4 and torch.equal(out4, ref2)
+    assert all(torch.equal(st5[key], rst2[key]) for key in A.STAT_KEYS)
 
 
 def test_replay_gqa_and_uneven_lengths_and_no_stats():
@@ -157,3 +163,20 @@ def test_replay_per_head_thresholds_on_gpu():
         assert torch.equal(out, ref) and torch.equal(st["density"], rst["density"]), f"call {i}, seed={seed}"
     assert _key_count() == 1
     assert isinstance(next(iter(A._PLANS.values())), L.Plan)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="host-sync check needs a CUDA GPU")
+def test_replay_makes_no_host_sync():
+    A._PLANS.clear()
+    q, k, v = _inputs(_seed(), "NHD")
+    kw = dict(layout="NHD", mode="cdf", cdf_threshold=0.9, pv_threshold=8.0, keep_ranges=[(0, 256)], return_stats=True)
+    sparge_attn(q, k, v, **kw)  # recorded (compilation, first allocations)
+    replays = L.Plan.replays
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            sparge_attn(q, k, v, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert L.Plan.replays == replays + 3
