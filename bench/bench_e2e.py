@@ -127,6 +127,7 @@ class AttentionTimer:
         self.cuda = device.type == "cuda"
         self._spans: list = []
         self._active = False
+        self.host_s: list = []  # host seconds of each timed call (Python and launches, no GPU wait)
 
     def _mark(self):
         if not self.cuda:
@@ -142,7 +143,9 @@ class AttentionTimer:
             self._active = True
             try:
                 start = self._mark()
+                t0 = time.perf_counter()
                 out = func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
+                self.host_s.append(time.perf_counter() - t0)
                 self._spans.append((start, self._mark()))
             finally:
                 self._active = False
@@ -262,9 +265,23 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
         timer.attach(patched)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    out, seconds, attention = sample_timed(patched, spec, latent, args.warmup + args.steps, timer, device)
+    timer.host_s.clear()
+    from sparge_pack.kernels.launch import Plan
+
+    replays = Plan.replays
+    steps = args.warmup + args.steps
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, seconds, attention = sample_timed(patched, spec, latent, steps, timer, device)
+        print_kernels(prof, f"{spec.label} {name}", steps)
+    else:
+        out, seconds, attention = sample_timed(patched, spec, latent, steps, timer, device)
     timed = list(zip(seconds, attention))[args.warmup:]
+    calls = timer.host_s[len(timer.host_s) * args.warmup // steps:]
     rec = {
+        "host_us_per_call": statistics.median(calls) * 1e6 if calls else None,
         "s_per_step": statistics.median(s for s, _ in timed),
         "step_s": seconds,
         "attention_ms": attention,
@@ -287,15 +304,33 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
             sparse_calls_per_step=totals["sparse_calls"] / max(1, len(run.steps)),
             dense_calls_per_step={k: v / max(1, len(run.steps)) for k, v in totals["dense_calls"].items()},
         )
+        rec["plan_replays"] = Plan.replays - replays  # sparse calls that replayed a launch plan
         if totals["sparse_calls"] == 0:
             rec["warning"] = "no attention call ran sparse"
     return rec, out
+
+
+def print_kernels(prof, title: str, steps: int, top: int = 18) -> None:
+    """GPU kernels of a profiled sampling run by total time: launches and milliseconds per step."""
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            n, us = per.get(e.name, (0, 0.0))
+            per[e.name] = (n + 1, us + e.device_time)
+    total = sum(us for _, us in per.values())
+    print(f"  GPU kernels of {title} (torch profiler, {steps} steps; {total / 1e3 / steps:.1f} ms per step):")
+    for name, (n, us) in sorted(per.items(), key=lambda x: -x[1][1])[:top]:
+        print(f"    {us / 1e3 / steps:8.2f} ms/step {n / steps:7.1f} launches/step {us / n:9.1f} us each  {name[:80]}")
 
 
 def describe(name: str, rec: dict) -> str:
     """The console line of one configuration (dense calls by reason, so a silent fallback shows)."""
     line = (f"  {name:>16}: {rec['s_per_step']:.3f} s/step (steps " + " ".join(f"{s:.3f}" for s in rec["step_s"])
             + f"), attention {fmt(rec['attention_share'] and 100 * rec['attention_share'], '.1f', '%')} of the step")
+    if rec.get("plan_replays") is not None:
+        line += f", {rec['plan_replays']} calls replayed a launch plan"
+    if rec.get("host_us_per_call") is not None:
+        line += f", {rec['host_us_per_call']:.0f} us of host time per attention call"
     if "rel_l1" in rec:
         line += f", vs unpatched relL1 {rec['rel_l1']:.3g} cosine {rec['cosine']:.6f} RMSE {rec['rmse']:.3g}"
     if "density" in rec:
@@ -420,9 +455,13 @@ def render(results: dict) -> str:
                      f"{s('topk0.3')} | {speed} | {share} | {fmt(c.get('full', {}).get('rel_l1'), '.3g')} |")
     lines += ["", "Attention share: of the unpatched step. Speed-up targets at top-k 0.5 (issue 7): "
               + ", ".join(f"{row['label']} ≥ {row['target']}×" for row in results["models"].values()) + ".", "",
+              "Host µs/call: median wall time of the attention override's Python and launches per call (it "
+              "includes waits for a full launch queue when the GPU is far behind, as in the video models); plan "
+              "replays: sparse calls served by a recorded launch plan (`kernels/launch.py`; calls with "
+              "B·H·Nq·Nk > 2³² use the normal path).", "",
               "## Details", "",
               "| model | config | steps | s/step | attention ms/step | attention share | density | sparse calls/step | "
-              "dense calls/step | relL1 | cosine | RMSE | peak GiB |", "|" + "---|" * 13]
+              "dense calls/step | relL1 | cosine | RMSE | peak GiB | host µs/call | plan replays |", "|" + "---|" * 15]
     for row in results["models"].values():
         for name, rec in row["configs"].items():
             attn = None if rec["attention_share"] is None else statistics.median(rec["attention_ms"][row["warmup"]:])
@@ -432,11 +471,12 @@ def render(results: dict) -> str:
                 f"| {fmt(attn, '.0f')} | {fmt(rec['attention_share'] and 100 * rec['attention_share'], '.0f', '%')} "
                 f"| {fmt(rec.get('density'), '.3f')} | {fmt(rec.get('sparse_calls_per_step'), 'g')} | {dense or '—'} "
                 f"| {fmt(rec.get('rel_l1'), '.3g')} | {fmt(rec.get('cosine'), '.6f')} | {fmt(rec.get('rmse'), '.3g')} "
-                f"| {fmt(rec.get('peak_gib'), '.1f')} |")
+                f"| {fmt(rec.get('peak_gib'), '.1f')} | {fmt(rec.get('host_us_per_call'), '.0f')} "
+                f"| {fmt(rec.get('plan_replays'), 'd')} |")
         for name, error in row.get("errors", {}).items():
-            lines.append(f"| {row['label']} | {name}: {error} |" + " |" * 11)
+            lines.append(f"| {row['label']} | {name}: {error} |" + " |" * 13)
         if row["skipped"]:
-            lines.append(f"| {row['label']} | skipped (time budget): {', '.join(row['skipped'])} |" + " |" * 11)
+            lines.append(f"| {row['label']} | skipped (time budget): {', '.join(row['skipped'])} |" + " |" * 13)
     return "\n".join(lines) + "\n"
 
 
@@ -507,6 +547,9 @@ def main() -> None:
     parser.add_argument("--compile", default=None, choices=["inductor", "aot_eager"],
                         help="compile every configuration as ComfyUI's TorchCompileModel node does (with this "
                              "backend); the first --warmup steps then include the compilation")
+    parser.add_argument("--profile", action="store_true",
+                        help="run each configuration under the torch profiler and print its GPU kernels by time "
+                             "(a diagnostic: the profiler changes the timings)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="only merge the e2e.json files of earlier runs into one report in --out")
     args = parser.parse_args()

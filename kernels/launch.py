@@ -233,6 +233,7 @@ class Plan:
     ``Plan.enabled = False`` keeps every call on the normal path (for A/B measurements)."""
 
     enabled = True
+    replays = 0  # calls served by a replay in this process (a diagnostic for benchmarks and tests)
 
     def __init__(self, size: int, launches: list, n_inputs: int):
         self.size = size
@@ -241,6 +242,7 @@ class Plan:
 
     def run(self, inputs, device: torch.device) -> None:
         """Launch everything on ``inputs`` (tensors in the recorded slot order, None where unused)."""
+        Plan.replays += 1
         ws = torch.empty(max(self.size, 1), dtype=torch.uint8, device=device)
         if interpreting():
             self._run_views(inputs, ws)

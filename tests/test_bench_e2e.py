@@ -49,6 +49,7 @@ def test_in_the_interpreter_the_patched_calls_run_sparse(tmp_path):
     assert rec["sparse_calls_per_step"] == 2 and rec["dense_calls_per_step"] == {"cross-attention": 2.0}
     assert rec["density"] < 0.5 and "warning" not in rec
     assert 0 < rec["rel_l1"] < 0.05 and all(d is not None for d in rec["density_per_step"])
+    assert rec["plan_replays"] >= 1  # the node's calls reach the kernels' launch plans (same shapes, same key)
 
 
 def test_compiled_like_torch_compile_model_the_patched_calls_still_run_sparse(tmp_path):
