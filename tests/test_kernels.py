@@ -84,15 +84,27 @@ def _check_mask(mask, q, k, seed, mode, **kw):
     """Kernel mask == reference mask, ties aside.
 
     cdf: the kernel mask lies between the reference masks at tau -+ 1e-4 (cumulative sums in another
-    order). topk: rows whose n-th and (n+1)-th pooled logits differ by < 1e-4 are not compared.
+    order), except in rows whose last kept and first dropped pooled probabilities differ by < 1e-5
+    relative (mirror-symmetric K blocks of the local inputs: seed 314689874 on the H100 has two at
+    0.04907857 with a relative gap of 5e-7, which the kernel's tf32x3 scores order the other way).
+    topk: rows whose n-th and (n+1)-th pooled logits differ by < 1e-4 are not compared.
     """
     tag = f"seed={seed} mode={mode} {kw}"
     if mode == "cdf":
         tau = kw.pop("cdf_threshold")
         lo = R.predict_block_mask(q, k, mode="cdf", cdf_threshold=(tau - 1e-4).clamp(0, 1) if isinstance(tau, torch.Tensor) else max(tau - 1e-4, 0.0), **kw)
         hi = R.predict_block_mask(q, k, mode="cdf", cdf_threshold=(tau + 1e-4).clamp(0, 1) if isinstance(tau, torch.Tensor) else min(tau + 1e-4, 1.0), **kw)
-        assert not bool((lo & ~mask).any()), f"kernel drops blocks the reference keeps: {tag}"
-        assert not bool((mask & ~hi).any()), f"kernel keeps blocks the reference drops: {tag}"
+        pm = R.pooled_map(q, k, causal=kw.get("causal", False), sim_threshold=kw["sim_threshold"],
+                          keep_ranges=kw.get("keep_ranges"))
+        p = torch.sort(pm["probs"].double(), -1, descending=True).values
+        t = torch.as_tensor(tau, dtype=p.dtype, device=p.device).expand(p.shape[1])[None, :, None, None]
+        n = (p.cumsum(-1) <= t).sum(-1).clamp(min=1)
+        nkb = p.shape[-1]
+        a = torch.gather(p, -1, (n - 1)[..., None])[..., 0]
+        b = torch.gather(p, -1, n.clamp(max=nkb - 1)[..., None])[..., 0]
+        tie = (n < pm["cand"].sum(-1)) & ((a - b).abs() < 1e-5 * a)
+        assert not bool(((lo & ~mask).any(-1) & ~tie).any()), f"kernel drops blocks the reference keeps: {tag}"
+        assert not bool(((mask & ~hi).any(-1) & ~tie).any()), f"kernel keeps blocks the reference drops: {tag}"
         return
     ref = R.predict_block_mask(q, k, mode="topk", **kw)
     pm = R.pooled_map(q, k, causal=kw.get("causal", False), sim_threshold=kw["sim_threshold"],
