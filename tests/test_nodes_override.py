@@ -157,7 +157,8 @@ def test_the_real_kernel_writes_the_output_in_the_callers_token_order(skip_outpu
     from sparge_pack.kernels import sparge_attn
 
     state = make(mode="topk", topk=0.5)
-    q, kk, v = (t.to(torch.bfloat16) for t in qkv(h=2, n=300, d=64, layout="HND"))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kk, v = (t.to(dev, torch.bfloat16) for t in qkv(h=2, n=300, d=64, layout="HND"))
     out = call(state, q, kk, v, 2, skip_reshape=True, skip_output_reshape=skip_output_reshape)
     ref = sparge_attn(q, kk, v, layout="HND", **state.config.kernel_options())
     assert not reasons(state)

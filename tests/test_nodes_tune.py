@@ -60,8 +60,8 @@ def dense_func(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=Fals
 class SyntheticLayer:
     """Attention calls of one layer: fixed positional structure, fresh content noise and V per call."""
 
-    def __init__(self, heads=2, n=1024, dim=32, seed=7, noise=0.3):
-        self.heads, self.n, self.dim, self.noise = heads, n, dim, noise
+    def __init__(self, heads=2, n=1024, dim=32, seed=7, noise=0.3, device="cpu"):
+        self.heads, self.n, self.dim, self.noise, self.device = heads, n, dim, noise, device
         g = torch.Generator().manual_seed(seed)
         self.q, self.k, _ = R.local_qkv(1, heads, n, dim, noise=0.0, generator=g)
 
@@ -71,7 +71,7 @@ class SyntheticLayer:
         q = self.q + self.noise * torch.randn(self.q.shape, generator=g)
         k = self.k + self.noise * torch.randn(self.k.shape, generator=g)
         v = torch.randn(self.q.shape, generator=g)
-        return tuple(t.transpose(1, 2).reshape(1, self.n, -1) for t in (q, k, v))
+        return tuple(t.transpose(1, 2).reshape(1, self.n, -1).to(self.device) for t in (q, k, v))
 
 
 def run_call(state, layer, seed, block=0):
@@ -265,10 +265,11 @@ def test_a_stricter_target_never_yields_higher_sparsity():
 
 
 def test_the_triton_kernel_tunes_too():
-    """The real kernel (Triton interpreter on a CPU): INT8/FP8 quantization error included."""
+    """The real kernel (on a GPU, else in the Triton interpreter): INT8/FP8 quantization error included."""
     from sparge_pack.nodes.override import load_kernel
 
-    kernel, layer = load_kernel(), SyntheticLayer(n=512, dim=64)
+    kernel = load_kernel()
+    layer = SyntheticLayer(n=512, dim=64, device="cuda" if torch.cuda.is_available() else "cpu")
     assert not isinstance(kernel, str), kernel
 
     class Real:
