@@ -192,7 +192,9 @@ class Recorder:
                     where = place(a.base)
                     if where is None or where[0] != -1:
                         return None
-                    descs.append((i, where[1], a))
+                    tmpl = copy.copy(a)
+                    tmpl.base = None  # the plan must not keep the recorded call's buffer alive
+                    descs.append((i, where[1], tmpl))
                     fixed[i] = None
             if interpreting():
                 launches.append(_Replay(fn, grid, fixed, meta, None, None, ptr_args, descs, views))

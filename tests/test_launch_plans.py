@@ -180,3 +180,16 @@ def test_replay_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert L.Plan.replays == replays + 3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="allocations are measured on a GPU")
+def test_a_plan_keeps_no_buffer_of_the_recorded_call():
+    A._PLANS.clear()
+    q, k, v = _inputs(_seed(), "HND")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = sparge_attn(q, k, v, mode="topk", topk=0.5)  # recorded
+    del out
+    torch.cuda.synchronize()
+    assert _key_count() == 1
+    assert torch.cuda.memory_allocated() == before  # the workspace and every recorded buffer were freed
