@@ -580,7 +580,11 @@ _PLAN_LIMIT = 512
 #: score map (B*H*Nq*Nk/2048 bytes, 2 MiB at this limit; 166 MB at HunyuanVideo 720p) alive through
 #: the attention, where the normal path has freed it before the output is allocated.
 _PLAN_MAX_WORK = 1 << 32
-_SLOTS = 9  # q, k, v, out, stats, then the per-head cdf, sim, topk and pv threshold tensors
+
+
+def _tensor_key(t: torch.Tensor):
+    """What a launch takes from a tensor argument: shape, strides, dtype, device, 16-byte alignment."""
+    return t.shape, t.stride(), t.dtype, t.device, (t.data_ptr() & 15) == 0
 
 
 def _plan_part(value, heads: int):
@@ -589,7 +593,7 @@ def _plan_part(value, heads: int):
         return value
     # per-head tensors on the GPU (on the CPU their values are checked per call, which a replay would skip)
     if isinstance(value, torch.Tensor) and value.device.type == "cuda" and value.numel() == heads > 1:
-        return value.shape, value.stride(), value.dtype, value.device, (value.data_ptr() & 15) == 0
+        return _tensor_key(value)
     return ...
 
 
@@ -616,13 +620,13 @@ def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges
     if out is not None:
         if not isinstance(out, torch.Tensor):
             return None
-        out = (out.shape, out.stride(), out.dtype, out.device, (out.data_ptr() & 15) == 0)
+        out = _tensor_key(out)
     if keep_ranges is not None:
         try:
             keep_ranges = tuple((int(a), int(b)) for a, b in keep_ranges)
         except (TypeError, ValueError):
             return None
-    tensors = tuple((t.shape, t.stride(), t.dtype, t.device, (t.data_ptr() & 15) == 0) for t in (q, k, v))
+    tensors = tuple(_tensor_key(t) for t in (q, k, v))
     knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
              tuple(PREP_ROWS.items()))
     return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, knobs

@@ -197,12 +197,12 @@ class Recorder:
                     descs.append((i, where[1], tmpl))
                     fixed[i] = None
             if interpreting():
-                launches.append(_Replay(fn, grid, fixed, meta, None, None, ptr_args, descs, views))
+                launches.append(_Replay(fn, grid, fixed, meta, None, ptr_args, descs, views))
             else:
                 if tail is None:  # launched without the fast path: no launcher to call directly
                     return None
-                launches.append(_Replay(fn, grid, fixed + list(tail), meta, kernel, tail, ptr_args, descs, views))
-        return Plan(size, launches, len(self.inputs))
+                launches.append(_Replay(fn, grid, fixed + list(tail), meta, kernel, ptr_args, descs, views))
+        return Plan(size, launches)
 
 
 class _Ptr:
@@ -218,12 +218,11 @@ class _Ptr:
 
 
 class _Replay:
-    __slots__ = ("fn", "grid", "g", "args", "meta", "kernel", "run", "function", "packed", "ptr_args", "descs", "views")
+    __slots__ = ("fn", "grid", "g", "args", "meta", "run", "function", "packed", "ptr_args", "descs", "views")
 
-    def __init__(self, fn, grid, args, meta, kernel, tail, ptr_args, descs, views):
+    def __init__(self, fn, grid, args, meta, kernel, ptr_args, descs, views):
         self.fn, self.grid, self.args, self.meta = fn, grid, args, meta
         self.g = (tuple(grid) + (1, 1))[:3]
-        self.kernel = kernel
         self.run = getattr(kernel, "run", None)
         self.function = getattr(kernel, "function", None)
         self.packed = getattr(kernel, "packed_metadata", None)
@@ -237,10 +236,9 @@ class Plan:
     enabled = True
     replays = 0  # calls served by a replay in this process (a diagnostic for benchmarks and tests)
 
-    def __init__(self, size: int, launches: list, n_inputs: int):
+    def __init__(self, size: int, launches: list):
         self.size = size
         self.launches = launches
-        self.n_inputs = n_inputs
 
     def run(self, inputs, device: torch.device) -> None:
         """Launch everything on ``inputs`` (tensors in the recorded slot order, None where unused)."""

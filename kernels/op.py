@@ -17,7 +17,7 @@ import torch
 from . import api
 
 OP_NAME = "spargeattn::sparge_attn"
-STAT_KEYS = ("density", "pv_skipped", "blocks_computed", "blocks_total")
+STAT_KEYS = api.STAT_KEYS
 
 
 def _heads(q: torch.Tensor, layout: str):
