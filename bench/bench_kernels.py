@@ -105,15 +105,22 @@ def ref_rel_l1(out, q, k, v, heads=2) -> float:
 
 
 #: which phase of a call each of our kernels belongs to (bench table's time split)
-PHASES = {"_colstats_kernel": 0, "_qk_prep_kernel": 0, "_v_prep_kernel": 0, "_scores_kernel": 1, "_select_kernel": 1,
-          "_attn_kernel": 2, "_attn_kernel_sm90": 2}
+PHASES = {"_colstats_kernel": 0, "_qk_prep_kernel": 0, "_v_prep_kernel": 0, "_v_fix_kernel": 0, "_scores_kernel": 1,
+          "_select_kernel": 1, "_attn_kernel": 2, "_attn_kernel_sm90": 2}
 
 
 def split_ms(f):
     """(quantize/pool, predict, attention) milliseconds of GPU kernel time per call of ``f`` (torch
-    profiler, calls back to back), independent of the host time between the launches."""
+    profiler, calls back to back), independent of the host time between the launches. Measured with
+    programmatic dependent launch off: with it a kernel starts early and its profiled time includes the
+    wait for the previous kernel of the call."""
     parts = [0.0, 0.0, 0.0]
-    for name, (_, us) in gpu_kernels(f).items():
+    pdl, A.PDL = A.PDL, False
+    try:
+        per = gpu_kernels(f)
+    finally:
+        A.PDL = pdl
+    for name, (_, us) in per.items():
         if name in PHASES:
             parts[PHASES[name]] += us / 1e3
     return tuple(parts)

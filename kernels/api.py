@@ -2,10 +2,11 @@
 
 Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 
-1. ``_colstats_kernel``  K column sums and V column |max| per chunk of tokens
-2. ``_qk_prep_kernel``   Q blocks: pool, self-similarity, INT8 per token (sm_scale*log2e folded in)
-3. ``_qk_prep_kernel``   K blocks: centred by the token mean, pool, self-similarity, INT8 per block
-4. ``_v_prep_kernel``    V / per-channel scale -> FP8 e4m3 (transposed) or fp16
+1. ``_colstats_kernel``  K column sums and V column |max| over ~512 sampled tokens, in chunks
+2. ``_qk_prep_kernel``   Q blocks: pool, self-similarity, INT8 per token (sm_scale*log2e folded in), and
+                         K blocks: centred by the sampled token mean, pool, self-similarity, INT8 per block
+3. ``_v_prep_kernel``    V / per-channel scale -> FP8 e4m3 (transposed) or fp16; records overflows
+4. ``_v_fix_kernel``     requantizes the heads whose V overflowed its sampled scale (others exit at once)
 5. ``_scores_kernel``    pooled map pool_q @ pool_k^T * scale in fp32
 6. ``_select_kernel``    TopCdf / TopK per row -> sorted LUT of kept K blocks + counts
 7. ``_attn_kernel``      the attention over the LUT (``_attn_kernel_sm90``, the Gluon kernel of
@@ -28,14 +29,15 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .launch import Recorder, _Fast, interpreting as _interpreting, new_buffer, replay_allowed
-from .config import BLOCK_K, BLOCK_Q, MAX_HEAD_DIM, P_SCALE_LOG2, V_FP8_MAX
+from .config import BLOCK_K, BLOCK_Q, MAX_HEAD_DIM, P_SCALE_LOG2, V_FP8_MAX, V_SAMPLE_TARGET, stats_stride
 
 try:
     import triton
 
     from .attention import _attn_kernel
+    from .gdc import AVAILABLE as _GDC
     from .predict import _scores_kernel, _select_kernel, _stats_kernel
-    from .quant import _colstats_kernel, _qk_prep_kernel, _v_prep_kernel
+    from .quant import _colstats_kernel, _qk_prep_kernel, _v_fix_kernel, _v_prep_kernel
 
     try:  # the Hopper kernel is written in Triton's Gluon language, experimental and changing between
         # releases: it is used with the Triton it was written and tested for, others get the portable kernel
@@ -115,6 +117,11 @@ class _Geom:
     nqb: int
     nkb: int
     layout: str
+    pdl: bool = False  # launch with programmatic dependent launch (see gdc.py)
+
+    def chained(self) -> dict:
+        """Launch keywords of a kernel that follows another of the call (PDL when enabled)."""
+        return {"PDL": True, "launch_pdl": True} if self.pdl else {"PDL": False}
 
     @property
     def nq_pad(self) -> int:
@@ -169,7 +176,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], layout: 
     if nq < 1 or nk < 1 or b < 1:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     dp = _padded_dim(d)
-    return _Geom(b, h, hk, nq, nk, d, dp, _cdiv(nq, BLOCK_Q), _cdiv(nk, BLOCK_K), layout)
+    return _Geom(b, h, hk, nq, nk, d, dp, _cdiv(nq, BLOCK_Q), _cdiv(nk, BLOCK_K), layout, _pdl_ok(q.device))
+
+
+#: Programmatic dependent launch between the kernels of a call (``gdc.py``) on sm_90+ GPUs; the
+#: environment variable ``SPARGEATTN_PDL=0`` (read at import) or setting this to False turns it off.
+PDL = os.environ.get("SPARGEATTN_PDL", "1") != "0"
+
+
+def _pdl_ok(device: torch.device) -> bool:
+    if not PDL or device.type != "cuda" or _interpreting() or not _GDC:
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
 
 def _threshold(value: Threshold, name: str, g: _Geom, device, lo: float, hi: float):
@@ -221,9 +239,12 @@ class _Null:
 #: Warps per program of the preparation kernels and rows per piece of the Q/K blocks (which are
 #: streamed in pieces of that many rows), measured on an H100 (bench/NOTES.md #12, #18): small
 #: programs are faster here (more programs resident per SM overlap their loads with the reductions).
-#: "k64": K blocks at padded head dim 64. Benchmarks may change them.
-PREP_WARPS = {"colstats": 2, "q": 1, "k": 1, "k64": 1, "v": 2}
+#: "qk": the Q and K blocks (one launch); "k64": K blocks at padded head dim 64. Benchmarks may change them.
+PREP_WARPS = {"colstats": 2, "qk": 1, "v": 2}
 PREP_ROWS = {"q": 32, "k": 16, "k64": 64}
+#: Programs per (batch, KV head) of ``_v_fix_kernel``: they only read the head's overflow record unless
+#: V overflowed its sampled scale there; then each requantizes every V_FIX_PROGRAMS-th block.
+V_FIX_PROGRAMS = 16
 
 
 def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None):
@@ -236,37 +257,36 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     qh, kh = _hnd(q, g.layout), _hnd(k, g.layout)
     vh = _hnd(v, g.layout) if v is not None else kh
     r = 64
-    rows_per_chunk = max(r, _cdiv(_cdiv(g.nk, 64), r) * r)
-    nchunk = _cdiv(g.nk, rows_per_chunk)
+    stride = stats_stride(g.nk)
+    ns = _cdiv(g.nk, stride)
+    nchunk = _cdiv(ns, r)
     f32 = torch.float32
     ksum = new_buffer((g.b * g.hk, nchunk, g.dp), f32, dev)
     vmax = new_buffer(ksum.shape, f32, dev)
+    vfix = new_buffer((g.b * g.hk, g.dp), f32, dev)
     _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
-        kh, *kh.stride(), vh, *vh.stride(), ksum, vmax,
-        g.hk, g.nk, g.d, rows_per_chunk, nchunk,
-        DP=g.dp, R=r, EVEN_D=g.d == g.dp, num_warps=PREP_WARPS["colstats"],
+        kh, *kh.stride(), vh, *vh.stride(), ksum, vmax, vfix,
+        g.hk, g.nk, g.d, stride, ns, nchunk,
+        DP=g.dp, R=r, EVEN_D=g.d == g.dp, PDL=g.pdl, num_warps=PREP_WARPS["colstats"],
     )
     buf = {}
     buf["q8"] = new_buffer((g.b * g.h, g.nq_pad, g.dp), torch.int8, dev)
     buf["qs"] = new_buffer((g.b * g.h, g.nq_pad), f32, dev)
     buf["pool_q"] = new_buffer((g.b * g.h, g.nqb, g.dp), f32, dev)
     buf["sim_q"] = new_buffer((g.b * g.h, g.nqb), f32, dev)
-    _Fast.get(_qk_prep_kernel)[(g.nqb, g.b * g.h)](
-        qh, *qh.stride(), ksum, buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"],
-        g.h, g.nq, g.d, g.nq_pad, g.nqb, scale * LOG2E, nchunk,
-        BLK=BLOCK_Q, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=False, PER_TOKEN=True, EVEN_D=g.d == g.dp,
-        SUB=min(PREP_ROWS["q"], BLOCK_Q), num_warps=PREP_WARPS["q"],
-    )
-    kkey = "k64" if g.dp <= 64 else "k"
     buf["k8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.int8, dev)
     buf["ks"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
     buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
     buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
-    _Fast.get(_qk_prep_kernel)[(g.nkb, g.b * g.hk)](
-        kh, *kh.stride(), ksum, buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"],
-        g.hk, g.nk, g.d, g.nk_pad, g.nkb, 1.0, nchunk,
-        BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), CENTER=True, PER_TOKEN=False, EVEN_D=g.d == g.dp,
-        SUB=min(PREP_ROWS[kkey], BLOCK_K), num_warps=PREP_WARPS[kkey],
+    q_programs = g.nqb * g.b * g.h
+    _Fast.get(_qk_prep_kernel)[(q_programs + g.nkb * g.b * g.hk,)](
+        qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,
+        scale * LOG2E,
+        kh, *kh.stride(), buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"], g.hk, g.nk, g.nk_pad, g.nkb,
+        ksum, g.d, nchunk, ns, q_programs,
+        BQ=BLOCK_Q, BK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), EVEN_D=g.d == g.dp,
+        SUB_Q=min(PREP_ROWS["q"], BLOCK_Q), SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K),
+        num_warps=PREP_WARPS["qk"], **g.chained(),
     )
     if v is not None:
         fp8 = pv_dtype == "fp8"
@@ -275,12 +295,12 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
         else:
             buf["v8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.float16, dev)
         buf["vs"] = new_buffer((g.b * g.hk, g.dp), f32, dev)
-        _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](
-            vh, *vh.stride(), vmax, buf["v8"], buf["vs"],
-            g.hk, g.nk, g.d, g.nk_pad, V_FP8_MAX, nchunk,
-            BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8,
-            INTERPRET=_interpreting(), EVEN_D=g.d == g.dp, SM90_ORDER=sm90 and fp8, num_warps=PREP_WARPS["v"],
-        )
+        vargs = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"], g.hk, g.nk, g.d, g.nk_pad)
+        vmeta = dict(BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8, INTERPRET=_interpreting(),
+                     EVEN_D=g.d == g.dp, SM90_ORDER=sm90 and fp8, num_warps=PREP_WARPS["v"], **g.chained())
+        _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](*vargs, V_SAMPLE_TARGET, V_FP8_MAX, nchunk, **vmeta)
+        _Fast.get(_v_fix_kernel)[(g.b * g.hk, min(g.nkb, V_FIX_PROGRAMS))](
+            *vargs, g.nkb, V_SAMPLE_TARGET, V_FP8_MAX, nchunk, **vmeta)
         buf["v_order"] = "sm90" if sm90 and fp8 else "tokens"
     return buf
 
@@ -312,7 +332,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         tm = 64 if g.dp <= 128 else 32
         _Fast.get(_scores_kernel)[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
             buf["pool_q"], buf["pool_k"], scores, g.h, g.h // g.hk, g.nqb, g.nkb, scale,
-            DP=g.dp, TM=tm, TN=tm, PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=4,
+            DP=g.dp, TM=tm, TN=tm, PRECISION="ieee" if _interpreting() else "tf32x3", num_warps=4, **g.chained(),
         )
         mask_in, mstr = cnt, (0, 0, 0, 0)
     _Fast.get(_select_kernel)[(g.nqb, rows)](
@@ -325,7 +345,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         *_ranges(keep_ranges),
         NKB_P2=nkb_p2, BQ=BLOCK_Q, BK=BLOCK_K, MODE=mode_id, CAUSAL=causal, WRITE_MASK=write_mask,
         TAU_PER_HEAD=tau[1] is not None, THETA_PER_HEAD=theta[1] is not None, TOPK_PER_HEAD=frac[1] is not None,
-        num_warps=warps,
+        num_warps=warps, **g.chained(),
     )
     return lut, cnt, cnt_full, (mask_out if write_mask else None)
 
@@ -425,7 +445,7 @@ def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom):
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CLAMP=out.dtype == torch.float16, STAGES=cfg["num_stages"],
-        NW=cfg["num_warps"], num_warps=cfg["num_warps"],
+        NW=cfg["num_warps"], num_warps=cfg["num_warps"], **g.chained(),
     )
     return out, None, BLOCK_Q // bm
 
@@ -460,7 +480,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CAUSAL=causal, PV_SKIP=pv_skip, PV_PER_HEAD=pv_t is not None,
         FP8=pv_dtype == "fp8",
         INTERPRET=_interpreting(), PAIR=cfg["pair"], CLAMP=out.dtype == torch.float16,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **g.chained(),
     )
     return out, (skip if pv_skip else None), sub
 
@@ -478,7 +498,7 @@ def _stats(g: _Geom, cnt, skip, sub: int, causal: bool, st: Optional[torch.Tenso
     nprog = g.nqb * sub
     _Fast.get(_stats_kernel)[(g.h,)](
         cnt, skip if skip is not None else cnt, st, g.b, g.h, g.nqb, nprog, total, float(sub),
-        HAS_SKIP=skip is not None, BLK=min(1024, max(16, _p2(max(g.nqb, nprog)))), num_warps=4,
+        HAS_SKIP=skip is not None, BLK=min(1024, max(16, _p2(max(g.nqb, nprog)))), num_warps=4, **g.chained(),
     )
     return dict(zip(STAT_KEYS, st.unbind(0)))
 
@@ -628,7 +648,7 @@ def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges
             return None
     tensors = tuple(_tensor_key(t) for t in (q, k, v))
     knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
-             tuple(PREP_ROWS.items()))
+             tuple(PREP_ROWS.items()), PDL)
     return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, knobs
 
 

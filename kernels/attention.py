@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from .gdc import pdl_start
 from .predict import _head_value
 from .quant import _to_fp8
 
@@ -134,8 +135,9 @@ def _attn_kernel(
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, pv_ptr, pv_val, p_offset,
     BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, PV_PER_HEAD: tl.constexpr, FP8: tl.constexpr,
-    INTERPRET: tl.constexpr, PAIR: tl.constexpr, CLAMP: tl.constexpr,
+    INTERPRET: tl.constexpr, PAIR: tl.constexpr, CLAMP: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     SUB: tl.constexpr = BQ // BM

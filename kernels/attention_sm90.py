@@ -95,12 +95,21 @@ def _as_operand(p, p_layout: gl.constexpr):
 
 
 @gluon.jit
+def _pdl_start(PDL: gl.constexpr):
+    """``gdc.pdl_start`` for Gluon (a ``@gluon.jit`` kernel cannot call a ``@triton.jit`` function)."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+
+@gluon.jit
 def _attn_kernel_sm90(
     q_desc, k_desc, v_desc, QS, KS, VS, LUT, CNT, CNT_FULL,
     O, osb, osh, osn, osd,
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, p_offset,
     BQ: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, DP: gl.constexpr,
-    CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
+    CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr = False,
 ):
     qk_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     pv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, DP, 32])
@@ -110,6 +119,7 @@ def _attn_kernel_sm90(
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
 
+    _pdl_start(PDL)
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     SUB: gl.constexpr = BQ // BM

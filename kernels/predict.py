@@ -19,15 +19,18 @@ Selection of row ``i`` (see ``reference.predict_block_mask`` for the same in pla
 import triton
 import triton.language as tl
 
+from .gdc import pdl_start
+
 NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
 def _scores_kernel(
     PQ, PK, S, H, G, NQB, NKB, scale,
-    DP: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, PRECISION: tl.constexpr,
+    DP: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """S[bh, i, j] = pool_q[bh, i] . pool_k[b*HK + h//G, j] * scale for a TM x TN tile."""
+    pdl_start(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     bh = tl.program_id(2)
@@ -79,7 +82,9 @@ def _select_kernel(
     MODE: tl.constexpr,  # 0: from MASK_IN, 1: cdf, 2: topk
     CAUSAL: tl.constexpr, WRITE_MASK: tl.constexpr,
     TAU_PER_HEAD: tl.constexpr, THETA_PER_HEAD: tl.constexpr, TOPK_PER_HEAD: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -156,11 +161,13 @@ def _select_kernel(
 
 
 @triton.jit
-def _stats_kernel(CNT, SKIP, OUT, B, H, NQB, NPROG, total, sub, HAS_SKIP: tl.constexpr, BLK: tl.constexpr):
+def _stats_kernel(CNT, SKIP, OUT, B, H, NQB, NPROG, total, sub, HAS_SKIP: tl.constexpr, BLK: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """Per query head ``h`` (one program each), from the LUT lengths ``CNT`` (B*H rows of NQB) and the
     per-program P.V skip counts ``SKIP`` (B*H rows of NPROG): OUT[0, h] density = computed / total,
     OUT[1, h] fraction of computed blocks whose P.V was skipped, OUT[2, h] blocks computed, OUT[3, h]
     blocks total (``total``: visible blocks of one head over the batch)."""
+    pdl_start(PDL)
     h = tl.program_id(0)
     offs = tl.arange(0, BLK)
     acc = tl.zeros([BLK], tl.int32)

@@ -1,15 +1,19 @@
 """Stage 1, part 1: one fused pass over Q and one over K, plus the V preparation.
 
-* :func:`_colstats_kernel` reads K and V once in chunks of tokens and writes per-chunk column sums
-  of K (for the token mean used to smooth K) and per-chunk column |max| of V (for the per-channel
-  V scale). The consumers reduce the few chunk rows themselves, so no extra launch is needed.
+* :func:`_colstats_kernel` reads the sampled tokens of K and V (every ``config.stats_stride(N)``-th,
+  ~512 of them) and writes per-chunk column sums of K (for the token mean used to smooth K) and
+  per-chunk column |max| of V (for the per-channel V scale). The consumers reduce the few chunk rows
+  themselves, so no extra launch is needed. It also zeroes the per-head overflow record of V.
 * :func:`_qk_prep_kernel` handles one block of Q (``BLOCK_Q`` rows) or of K (``BLOCK_K`` rows):
   mean token (pool), self-similarity (mean pairwise cosine, computed as ``|sum_i x_i/|x_i||^2/n^2``)
   and INT8 quantization. Q gets one scale per token with ``sm_scale*log2(e)`` folded in (scales are
   floored at 1e-18 so that they stay positive); K is
-  centred by its token mean and gets one scale per block.
-* :func:`_v_prep_kernel` divides V by its per-channel scale ``amax/448`` and casts it to FP8 e4m3
-  stored transposed (D, N) for the FP8 dot, or to fp16 stored (N, D).
+  centred by its (sampled) token mean and gets one scale per block.
+* :func:`_v_prep_kernel` divides V by its per-channel scale ``sampled_amax/V_SAMPLE_TARGET`` and casts
+  it to FP8 e4m3 stored transposed (D, N) for the FP8 dot, or to fp16 stored (N, D). A block holding a
+  value above ``V_FP8_MAX`` times that scale records its channel |max| (atomic max per head);
+  :func:`_v_fix_kernel` then requantizes those heads with ``max(scale, amax/V_FP8_MAX)`` and exits at
+  once for the others.
 
 A non-finite input value turns the scale of its group (Q token, K block, V channel) into NaN and the
 block's self-similarity into NaN, so that it cannot disappear silently (see ``api.sparge_attn``).
@@ -19,6 +23,8 @@ padding included, so the attention kernel loads them without masks.
 
 import triton
 import triton.language as tl
+
+from .gdc import pdl_start
 
 INF = tl.constexpr(float("inf"))
 #: Floor of the stored Q/K scales: an all-zero group keeps a positive scale (and q_scale * k_scale
@@ -52,27 +58,27 @@ def _abs_nonfinite_inf(x):
 def _colstats_kernel(
     K, ksb, ksh, ksn, ksd,
     V, vsb, vsh, vsn, vsd,
-    KSUM, VMAX,
-    HK, N, D, rows_per_chunk, NCHUNK,
-    DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr,
+    KSUM, VMAX, VFIX,
+    HK, N, D, STRIDE, NS, NCHUNK,
+    DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's tokens."""
+    """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's ``R`` sampled
+    tokens (sample i is token ``i*STRIDE``, i < NS). Chunk 0 zeroes ``VFIX[bh, :DP]``."""
+    pdl_start(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // HK
     hk = bh % HK
     cols = tl.arange(0, DP)
-    ksum = tl.zeros([DP], dtype=tl.float32)
-    vmax = tl.zeros([DP], dtype=tl.float32)
-    for t in range(0, rows_per_chunk // R):
-        rows = c * rows_per_chunk + t * R + tl.arange(0, R)
-        kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D, EVEN_D)
-        vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
-        ksum += tl.sum(kx, 0)
-        vmax = tl.maximum(vmax, tl.max(_abs_nonfinite_inf(vx), 0))
+    i = c * R + tl.arange(0, R)
+    rows = tl.where(i < NS, i * STRIDE, N)  # N: masked off by _load_tile
+    kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D, EVEN_D)
+    vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
     out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
-    tl.store(KSUM + out, ksum)
-    tl.store(VMAX + out, vmax)
+    tl.store(KSUM + out, tl.sum(kx, 0))
+    tl.store(VMAX + out, tl.max(_abs_nonfinite_inf(vx), 0))
+    if c == 0:
+        tl.store(VFIX + bh.to(tl.int64) * DP + cols, tl.zeros([DP], dtype=tl.float32))
 
 
 @triton.jit
@@ -135,25 +141,24 @@ def _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER: tl.co
 
 
 @triton.jit
-def _qk_prep_kernel(
+def _qk_block(
     X, sb, sh, sn, sd,
-    KSUM, X8, XS, POOL, SIM,
-    HX, N, D, N_PAD, NB, mult, NCHUNK,
+    KSUM, X8, XS, POOL, SIM, blk, bh,
+    HX, N, D, N_PAD, NB, mult, NCHUNK, NS,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
     CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr,
 ):
-    """Pool, self-similarity and INT8 quantization of block ``program_id(0)`` of head ``program_id(1)``.
+    """Pool, self-similarity and INT8 quantization of block ``blk`` of head ``bh`` of X (Q or K).
 
     Writes ``X8[bh, rows, :DP]`` (int8, padded rows and channels are 0), the scale ``XS`` (per token
     ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
-    and ``SIM[bh, blk]``. With CENTER the token mean (from the ``KSUM`` chunk sums) is subtracted first.
+    and ``SIM[bh, blk]``. With CENTER the mean of the ``NS`` sampled tokens (from the ``KSUM`` chunk sums)
+    is subtracted first.
 
     The block is streamed in ``SUB``-row pieces (few registers per program, so many programs per SM
     overlap their loads with the arithmetic). A per-block scale (not PER_TOKEN) needs the block's
     |max| first: then the pieces are read a second time (from cache) to quantize them.
     """
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // HX
     h = bh % HX
     cols = tl.arange(0, DP)
@@ -164,7 +169,7 @@ def _qk_prep_kernel(
             KSUM + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
             mask=ch[:, None] < NCHUNK, other=0.0,
         )
-        mean = tl.sum(parts, 0) / N
+        mean = tl.sum(parts, 0) / NS
     n_valid = tl.minimum(N - blk * BLK, BLK).to(tl.float32)
 
     # Pool and self-similarity; any non-finite value makes the similarity NaN. INT8 with scale
@@ -204,6 +209,31 @@ def _qk_prep_kernel(
 
 
 @triton.jit
+def _qk_prep_kernel(
+    Q, qsb, qsh, qsn, qsd, Q8, QS, POOL_Q, SIM_Q, H, NQ, NQ_PAD, NQB, q_mult,
+    K, ksb, ksh, ksn, ksd, K8, KS, POOL_K, SIM_K, HK, NK, NK_PAD, NKB,
+    KSUM, D, NCHUNK, NS, Q_PROGRAMS,
+    BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr, EVEN_D: tl.constexpr,
+    SUB_Q: tl.constexpr, SUB_K: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """One launch for the Q and the K blocks (:func:`_qk_block`): programs ``0 .. Q_PROGRAMS-1`` take Q
+    block ``pid % NQB`` of head ``pid // NQB`` (one INT8 scale per token, ``q_mult`` folded in); the
+    others the K blocks in the same order (centred by the sampled token mean, one scale per block).
+    One launch instead of two: the K programs fill the SMs while the last Q programs run."""
+    pdl_start(PDL)
+    pid = tl.program_id(0)
+    if pid < Q_PROGRAMS:
+        _qk_block(Q, qsb, qsh, qsn, qsd, KSUM, Q8, QS, POOL_Q, SIM_Q, pid % NQB, pid // NQB,
+                  H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS,
+                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q)
+    else:
+        pk = pid - Q_PROGRAMS
+        _qk_block(K, ksb, ksh, ksn, ksd, KSUM, K8, KS, POOL_K, SIM_K, pk % NKB, pk // NKB,
+                  HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS,
+                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K)
+
+
+@triton.jit
 def sm90_token_order(n):
     """Where token ``n`` sits in the FP8 V of the Hopper kernel (``attention_sm90._as_operand``): token c
     of each 32 (bits c0..c4) at position c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4."""
@@ -212,43 +242,126 @@ def sm90_token_order(n):
 
 
 @triton.jit
-def _v_prep_kernel(
-    V, sb, sh, sn, sd,
-    VMAX, VOUT, VS,
-    HK, N, D, N_PAD, vmax_target, NCHUNK,
-    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
-):
-    """Scale block ``program_id(0)`` of V by ``1/(amax_c/vmax_target)`` per channel and cast it.
+def sm90_token_source(p):
+    """The token stored at position ``p`` by :func:`sm90_token_order` (its inverse): bits p0..p4 of each
+    32 are token bits c0, c3, c1, c2, c4."""
+    c = p & 31
+    return (p - c) | (c & 1) | (((c >> 2) & 3) << 1) | (((c >> 1) & 1) << 3) | (c & 16)
 
-    FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
-    fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
-    SM90_ORDER: the tokens of each block are stored in the order the Hopper kernel's P.V operand
-    expects (:func:`sm90_token_order`).
-    """
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    rows = blk * BLK + tl.arange(0, BLK)
-    cols = tl.arange(0, DP)
-    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+
+@triton.jit
+def _v_sample_amax(VMAX, bh, NCHUNK, cols, DP: tl.constexpr, NCHUNK_P2: tl.constexpr):
+    """Per-channel |max| of the sampled tokens of head ``bh`` (+inf for a non-finite channel)."""
     ch = tl.arange(0, NCHUNK_P2)
     parts = tl.load(
         VMAX + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
         mask=ch[:, None] < NCHUNK, other=0.0,
     )
-    amax = tl.max(parts, 0)
-    scale = amax / vmax_target
-    inv = tl.where(scale > 0, 1.0 / scale, 0.0)
+    return tl.max(parts, 0)
+
+
+@triton.jit
+def _v_block(
+    V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, inv, lim, cols,
+    BLK: tl.constexpr, DP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
+    SM90_ORDER: tl.constexpr,
+):
+    """Scale block ``blk`` of V by ``inv`` per channel, cast and store it. Returns 1 when every scaled
+    value satisfies ``|x * inv| <= lim`` (NaN never does), else 0.
+
+    SM90_ORDER loads the block's rows in the permuted order (:func:`sm90_token_source`) and stores them
+    in plain order: the same bytes as permuting the store, without a 64-bit address per stored byte."""
+    p = tl.arange(0, BLK)
+    if FP8 and SM90_ORDER:
+        rows = blk * BLK + sm90_token_source(p)
+    else:
+        rows = blk * BLK + p
+    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
     xs = x * inv[None, :]
+    # against a scalar limit: a per-channel one would take DP more registers per thread in the layout
+    # of the transposed store (one token, all channels per thread)
+    fits = tl.min((tl.abs(xs) <= lim).to(tl.int32))
     xs = tl.where(xs == xs, xs, 0.0)
+    if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
+        base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
+        tl.store(base + cols[None, :] * N_PAD + p[:, None], _to_fp8(xs, INTERPRET))
+    else:
+        base = VOUT + (bh.to(tl.int64) * N_PAD + blk * BLK) * DP
+        tl.store(base + p[:, None] * DP + cols[None, :], xs.to(tl.float16))
+    return fits
+
+
+@triton.jit
+def _v_inv(scale):
+    """1/scale; 1e30 for a zero scale (a channel whose sampled tokens are all 0: any other nonzero value
+    of it then fails the ``_v_block`` test), 0 for an infinite one (non-finite samples)."""
+    return tl.where(scale > 0, tl.where(scale < INF, 1.0 / scale, 0.0), 1e30)
+
+
+@triton.jit
+def _v_prep_kernel(
+    V, sb, sh, sn, sd,
+    VMAX, VFIX, VOUT, VS,
+    HK, N, D, N_PAD, vmax_target, v_limit, NCHUNK,
+    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """Scale block ``program_id(0)`` of V by ``1/(sampled_amax_c/vmax_target)`` per channel and cast it.
+
+    FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
+    fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
+    SM90_ORDER: the tokens of each block are stored in the order the Hopper kernel's P.V operand
+    expects (:func:`sm90_token_order`). A channel whose |max| in this block exceeds ``v_limit`` times
+    its scale (or is non-finite) records that |max| in ``VFIX[bh, c]`` (atomic max) for ``_v_fix_kernel``.
+    """
+    pdl_start(PDL)
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    cols = tl.arange(0, DP)
+    amax = _v_sample_amax(VMAX, bh, NCHUNK, cols, DP, NCHUNK_P2)
+    scale = amax / vmax_target
+    fits = _v_block(V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, _v_inv(scale), v_limit, cols,
+                    BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER)
+    if fits == 0:  # rare: some value over (NaN, or nonzero under a zero scale, count as over)
+        bmax = tl.zeros([DP], dtype=tl.float32)
+        for t in range(0, BLK // 16):  # in pieces: this branch sets the register budget of the kernel
+            rows = blk * BLK + t * 16 + tl.arange(0, 16)
+            x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+            bmax = tl.maximum(bmax, tl.max(_abs_nonfinite_inf(x), 0))
+        tl.atomic_max(VFIX + bh.to(tl.int64) * DP + cols, bmax, mask=~(bmax <= v_limit * scale), sem="relaxed")
     if blk == 0:
         tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
-    if FP8:
-        pos = sm90_token_order(rows) if SM90_ORDER else rows
-        ptrs = VOUT + (bh.to(tl.int64) * DP + cols[None, :]) * N_PAD + pos[:, None]
-        tl.store(ptrs, _to_fp8(xs, INTERPRET))
-    else:
-        ptrs = VOUT + (bh.to(tl.int64) * N_PAD + rows[:, None]) * DP + cols[None, :]
-        tl.store(ptrs, xs.to(tl.float16))
+
+
+@triton.jit
+def _v_fix_kernel(
+    V, sb, sh, sn, sd,
+    VMAX, VFIX, VOUT, VS,
+    HK, N, D, N_PAD, NB, vmax_target, v_limit, NCHUNK,
+    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """Heads whose V overflowed its sampled scale somewhere (``VFIX[bh] != 0``): requantize every block
+    with the scale ``max(sampled_amax/vmax_target, VFIX/v_limit)`` (blocks ``program_id(1)``,
+    ``+ num_programs(1)``, ...). Other heads' programs only read ``VFIX[bh]``."""
+    pdl_start(PDL)
+    bh = tl.program_id(0)
+    g = tl.program_id(1)
+    cols = tl.arange(0, DP)
+    fix = tl.load(VFIX + bh.to(tl.int64) * DP + cols)
+    if tl.max(fix, 0) > 0:
+        b = bh // HK
+        h = bh % HK
+        amax = _v_sample_amax(VMAX, bh, NCHUNK, cols, DP, NCHUNK_P2)
+        scale = tl.maximum(amax / vmax_target, fix / v_limit)
+        inv = _v_inv(scale)
+        for blk in range(g, NB, tl.num_programs(1)):
+            _v_block(V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, inv, v_limit, cols,
+                     BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER)
+        if g == 0:
+            bad = (amax == INF) | (fix == INF)
+            tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(bad, float("nan"), scale))

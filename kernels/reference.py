@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .config import BLOCK_K, BLOCK_Q, P_SCALE_LOG2, V_FP8_MAX
+from .config import BLOCK_K, BLOCK_Q, P_SCALE_LOG2, V_FP8_MAX, V_SAMPLE_TARGET, stats_stride
 
 LOG2E = 1.4426950408889634
 
@@ -34,6 +34,8 @@ __all__ = [
     "causal_block_mask",
     "token_mask",
     "quantize_like_kernel",
+    "key_mean",
+    "v_scale",
     "block_sparse_attention",
     "dense_attention",
     "metrics",
@@ -142,8 +144,8 @@ def predict_block_mask(
 
     Steps, per batch, head and Q block ``i`` (all in the working precision):
 
-    1. K is centred by its token mean (per batch and KV head); Q and centred K are pooled per block
-       and each block's self-similarity is measured (:func:`block_stats`).
+    1. K is centred by the mean of its sampled tokens (:func:`key_mean`, per batch and KV head); Q and
+       centred K are pooled per block and each block's self-similarity is measured (:func:`block_stats`).
     2. ``S[i, j] = pool_q[i] . pool_k[j] * scale``; columns of K blocks that are not self-similar
        (``sim <= sim_threshold`` or NaN) and causally invisible blocks are set to ``-inf``; softmax.
     3. ``mode="cdf"``: keep the largest entries while their cumulative mass stays ``<= cdf_threshold``;
@@ -197,7 +199,7 @@ def pooled_map(q, k, *, layout="HND", scale=None, causal=False, sim_threshold=0.
     nqb, nkb = -(-nq_tok // BLOCK_Q), -(-nk_tok // BLOCK_K)
     dev = qh.device
 
-    km = kh.mean(dim=2, keepdim=True)
+    km = key_mean(kh)
     pool_q, sim_q = block_stats(qh, BLOCK_Q)
     pool_k, sim_k = block_stats(kh - km, BLOCK_K)
     pool_k = pool_k.repeat_interleave(g, dim=1)
@@ -232,6 +234,23 @@ def token_mask(block_mask: torch.Tensor, nq: int, nk: int, causal: bool) -> torc
     return m
 
 
+def sampled(x: torch.Tensor) -> torch.Tensor:
+    """The tokens (dim 2 of an HND tensor) the kernel's statistics read: every ``stats_stride(N)``-th."""
+    return x[:, :, :: stats_stride(x.shape[2])]
+
+
+def key_mean(kh: torch.Tensor) -> torch.Tensor:
+    """(B, Hk, 1, D) smoothing vector of K: the mean of its sampled tokens."""
+    return sampled(kh).mean(dim=2, keepdim=True)
+
+
+def v_scale(vh: torch.Tensor) -> torch.Tensor:
+    """(B, Hk, 1, D) per-channel V scale: ``max(sampled_amax / V_SAMPLE_TARGET, amax / V_FP8_MAX)``,
+    NaN for a channel holding a non-finite value."""
+    vs = torch.maximum(_amax(sampled(vh), 2) / V_SAMPLE_TARGET, _amax(vh, 2) / V_FP8_MAX)
+    return torch.where(torch.isfinite(vs), vs, torch.full_like(vs, float("nan")))
+
+
 def _int8(x: torch.Tensor, amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 rounding (to nearest, ties to even) with scale ``amax/127`` (NaN scale for
     non-finite groups)."""
@@ -251,18 +270,17 @@ def _amax(x: torch.Tensor, dims) -> torch.Tensor:
 def quantize_like_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: str):
     """Round (HND, working-precision) Q, K, V the way the kernel does.
 
-    Q: INT8, one scale per token. K: centred by its token mean, INT8, one scale per ``BLOCK_K`` tokens.
-    V: ``pv="fp8"`` -> FP8 e4m3 with one scale per channel (``amax/448``); ``pv="fp16"`` -> fp16 with the
-    same per-channel scale. Returns dequantized tensors ``(q, k, v)`` in the working precision.
+    Q: INT8, one scale per token. K: centred by its sampled token mean (:func:`key_mean`), INT8, one
+    scale per ``BLOCK_K`` tokens. V: ``pv="fp8"`` -> FP8 e4m3 with one scale per channel
+    (:func:`v_scale`); ``pv="fp16"`` -> fp16 with the same per-channel scale. Returns dequantized tensors ``(q, k, v)`` in the working precision.
     A non-finite value makes its group's scale NaN (token of Q, block of K, channel of V).
     """
     q8, qs = _int8(q, _amax(q, -1))
-    kc = k - k.mean(dim=2, keepdim=True)
+    kc = k - key_mean(k)
     kb, valid = _blocks(kc, BLOCK_K)
     k8, ks = _int8(kb, _amax(kb, (-1, -2)))
     kq = (k8 * ks).reshape(kb.shape[0], kb.shape[1], -1, kb.shape[-1])[:, :, : k.shape[2]]
-    vs = _amax(v, 2) / V_FP8_MAX
-    vs = torch.where(torch.isfinite(vs), vs, torch.full_like(vs, float("nan")))
+    vs = v_scale(v)
     inv = torch.where(vs > 0, 1.0 / vs, torch.zeros_like(vs))
     vn = v * inv
     if pv == "fp8":

@@ -31,8 +31,8 @@ _DTYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv",
 }
-KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_scores_kernel", "_select_kernel", "_attn_kernel",
-           "_attn_kernel_sm90"]
+KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_v_fix_kernel", "_scores_kernel", "_select_kernel",
+           "_attn_kernel", "_attn_kernel_sm90"]
 _GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
 
 
@@ -52,7 +52,7 @@ class Compiler:
         return Launcher()
 
     def compile(self, kernel, args, kwargs):
-        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
         names = kernel.arg_names
         values = dict(zip(names, args))
         values.update(kwargs)
@@ -92,8 +92,8 @@ class Compiler:
             src = ASTSource(kernel, sig, const, attrs)
         k = triton.compile(src, target=self.target, options=opts)
         md = k.metadata
-        n_regs = getattr(k, "n_regs", None)
         info = f"{kernel.fn.__name__:18s} {str({c: v for c, v in const.items() if c not in ('INTERPRET',)}):110s} shared={md.shared}"
+        info += " pdl" if opts.get("launch_pdl") else ""
         ptx = k.asm["ptx"]
         info += f" wgmma={ptx.count('wgmma.mma_async')} mma={ptx.count('mma.sync')} local={'.local' in ptx}"
         self.seen[key] = info
@@ -114,6 +114,8 @@ def drive(arch: int, full: bool):
     A.default_pv_dtype = lambda device: "fp8" if fp8 else "fp16"
     if arch == 90 and A._attn_kernel_sm90 is not None:  # the calls an H100 sends to the Gluon kernel
         A._use_sm90 = lambda device, dp, pv, causal, pv_skip: A._sm90_covers(dp, pv, causal, pv_skip)
+    if arch >= 90:  # programmatic dependent launch between the kernels of a call
+        A._pdl_ok = lambda device: A.PDL
     dims = (64, 72, 128, 256) if full else (64, 128, 256)
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     for d in dims:
@@ -148,7 +150,7 @@ def main():
     for arch in args.arch or [90]:
         print(f"== sm_{arch}")
         comp = Compiler(arch, args.dump)
-        saved = {name: getattr(A, name) for name in KERNELS + ["_use_sm90"]}
+        saved = {name: getattr(A, name) for name in KERNELS + ["_use_sm90", "_pdl_ok"]}
         for name in KERNELS:
             if saved[name] is not None:
                 setattr(A, name, comp.wrap(saved[name]))

@@ -324,6 +324,57 @@ def test_odd_head_dims_and_scale():
             assert _rel(out, ref) <= BOUND["fp16"], f"d={d} scale={scale} seed={seed}"
 
 
+# ------------------------------------------------------------------------------- sampled statistics
+
+
+@pytest.mark.parametrize("pv", PV_PATHS)
+def test_sampled_statistics_and_v_overflow(pv):
+    """Above 2 * STATS_SAMPLES tokens the K mean and the V scale come from every stats_stride(N)-th token.
+    A V value 100x above the sampled ones, at a token the sample skips, must not saturate: the fix kernel
+    requantizes that head with the channel's true |max|. A NaN at a skipped token still makes its
+    channel NaN. Prepared buffers vs the reference's key_mean / v_scale, output vs its emulation."""
+    from sparge_pack.kernels import api as A
+    from sparge_pack.kernels.config import STATS_SAMPLES, V_SAMPLE_TARGET, stats_stride
+
+    seed = _seed()
+    gen = _gen(seed)
+    n, d = (1100, 64) if not ON_GPU else (32760, 128)
+    stride = stats_stride(n)
+    assert stride > 1 and n >= 2 * STATS_SAMPLES
+    q, k, v = _local(1, 2, n, d, gen, dtype=torch.float32)
+    t = int(torch.randint(n // stride, (1,), generator=gen)) * stride + 1  # skipped by the sample
+    c = int(torch.randint(d, (1,), generator=gen))
+    v[0, 1, t, c] = 100 * float(v[0, 1, :, c].abs().max())
+    k = k + torch.randn(1, 2, 1, d, generator=gen).to(DEV) * 3  # an offset for the smoothing to remove
+
+    g = A._check(q, k, v, "HND")
+    buf = A._prep_qk(q, k, v, g, g.d**-0.5, pv, sm90=False)
+    vs = buf["vs"].view(1, 2, 1, -1)[..., :d].double()
+    want = R.v_scale(v.double())
+    assert torch.allclose(vs, want, rtol=1e-6, atol=0), f"V scale vs reference, seed={seed}"
+    sampled_only = R.sampled(v.double()).abs().amax(2, keepdim=True) / V_SAMPLE_TARGET
+    assert float(vs[0, 1, 0, c]) > 4 * float(sampled_only[0, 1, 0, c]), f"the overflow was not fixed, seed={seed}"
+    assert torch.allclose(vs[0, 0], sampled_only[0, 0], rtol=1e-6), f"an untouched head changed, seed={seed}"
+    pool_k, _ = R.block_stats(k.double() - R.key_mean(k.double()), BLOCK_K)
+    got = buf["pool_k"].view(1, 2, -1, g.dp)[..., :d].double()
+    assert torch.allclose(got, pool_k, atol=1e-4), f"K pooled around the sampled mean, seed={seed}"
+
+    mask = torch.ones(1, 2, g.nqb, g.nkb, dtype=torch.bool, device=DEV)
+    out = _nan_like(q)
+    block_sparse_attn(q, k, v, mask, pv_dtype=pv, out=out)
+    emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, **walk_options(d, n, 2, pv_dtype=pv))
+    assert bool(torch.isfinite(out).all()), f"seed={seed}"
+    assert _rel(out, emu) <= EMU_TOL[torch.float32], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
+    assert _rel(out, R.dense_attention(q, k, v)) <= BOUND[pv], f"seed={seed}"
+
+    v[0, 0, t, (c + 1) % d] = float("nan")
+    out = _nan_like(q)
+    block_sparse_attn(q, k, v, mask, pv_dtype=pv, out=out)
+    rule = torch.zeros_like(out, dtype=torch.bool)
+    rule[0, 0, :, (c + 1) % d] = True
+    assert torch.equal(~torch.isfinite(out), rule), f"NaN at a skipped token, seed={seed}"
+
+
 # ------------------------------------------------------------------------------------ randomized sweep
 
 
