@@ -458,7 +458,7 @@ def render(results: dict) -> str:
               "Host µs/call: median wall time of the attention override's Python and launches per call (it "
               "includes waits for a full launch queue when the GPU is far behind, as in the video models); plan "
               "replays: sparse calls served by a recorded launch plan (`kernels/launch.py`; calls with "
-              "B·H·Nq·Nk > 2³² use the normal path).", "",
+              "B·H·Nq·Nk > 2³⁶ use the normal path).", "",
               "## Details", "",
               "| model | config | steps | s/step | attention ms/step | attention share | density | sparse calls/step | "
               "dense calls/step | relL1 | cosine | RMSE | peak GiB | host µs/call | plan replays |", "|" + "---|" * 15]

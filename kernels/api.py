@@ -241,7 +241,7 @@ class _Null:
 #: programs are faster here (more programs resident per SM overlap their loads with the reductions).
 #: "qk": the Q and K blocks (one launch); "k64": K blocks at padded head dim 64. Benchmarks may change them.
 PREP_WARPS = {"colstats": 2, "qk": 1, "v": 2}
-PREP_ROWS = {"q": 32, "k": 16, "k64": 64}
+PREP_ROWS = {"q": 16, "k": 16, "k64": 64}
 #: Programs per (batch, KV head) of ``_v_fix_kernel``: they only read the head's overflow record unless
 #: V overflowed its sampled scale there; then each requantizes every V_FIX_PROGRAMS-th block.
 V_FIX_PROGRAMS = 16
@@ -595,11 +595,11 @@ _OP_CALL = None
 #: recorded (its calls keep the normal path). Cleared when it reaches ``_PLAN_LIMIT`` entries.
 _PLANS: dict = {}
 _PLAN_LIMIT = 512
-#: Plans only for calls with B*H*Nq*Nk up to this. Above it a call's GPU time (>= ~1 ms on an H100)
-#: hides the normal path's host time, and a replay would cost memory: its workspace keeps the pooled
-#: score map (B*H*Nq*Nk/2048 bytes, 2 MiB at this limit; 166 MB at HunyuanVideo 720p) alive through
-#: the attention, where the normal path has freed it before the output is allocated.
-_PLAN_MAX_WORK = 1 << 32
+#: Plans only for calls with B*H*Nq*Nk up to this. A replay's workspace keeps the pooled score map
+#: (B*H*Nq*Nk/2048 bytes: 32 MiB at this limit, 21 MB at Wan 480p, 7 MB at CogVideoX-5B; 166 MB at
+#: HunyuanVideo 720p) alive through the attention, where the normal path has freed it before the output
+#: is allocated. Above the limit the call's GPU time (~100 ms) hides the normal path's ~0.5 ms of host time.
+_PLAN_MAX_WORK = 1 << 36
 
 
 def _tensor_key(t: torch.Tensor):
