@@ -5,6 +5,7 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 1. ``_colstats_kernel``  K column sums and V column |max| over ~512 sampled tokens, in chunks
 2. ``_qk_prep_kernel``   Q blocks: pool, self-similarity, INT8 per token (sm_scale*log2e folded in), and
                          K blocks: centred by the sampled token mean, pool, self-similarity, INT8 per block
+                         (and the V blocks of step 3 when there are few: ``FUSE_V_MAX``)
 3. ``_v_prep_kernel``    V / per-channel scale -> FP8 e4m3 (transposed) or fp16; records overflows
 4. ``_v_fix_kernel``     requantizes the heads whose V overflowed its sampled scale (others exit at once)
 5. ``_scores_kernel``    pooled map pool_q @ pool_k^T * scale in fp32
@@ -241,7 +242,11 @@ class _Null:
 #: programs are faster here (more programs resident per SM overlap their loads with the reductions).
 #: "qk": the Q and K blocks (one launch); "k64": K blocks at padded head dim 64. Benchmarks may change them.
 PREP_WARPS = {"colstats": 2, "qk": 1, "v": 2}
-PREP_ROWS = {"q": 16, "k": 16, "k64": 64}
+PREP_ROWS = {"q": 16, "k": 16, "k64": 64, "v": 32}
+#: V blocks go into the Q/K preparation launch (one-warp programs, ``PREP_ROWS["v"]`` rows per piece)
+#: instead of a launch of their own (``PREP_WARPS["v"]`` warps, whole blocks) when there are at most this
+#: many. H100 (bench/NOTES.md #26): Flux (1728 V blocks) -2% per call; Wan and CogVideoX preparation +4-7%.
+FUSE_V_MAX = 4096
 #: Programs per (batch, KV head) of ``_v_fix_kernel``: they only read the head's overflow record unless
 #: V overflowed its sampled scale there; then each requantizes every V_FIX_PROGRAMS-th block.
 V_FIX_PROGRAMS = 16
@@ -278,27 +283,32 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     buf["ks"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
     buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
     buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
-    q_programs = g.nqb * g.b * g.h
-    _Fast.get(_qk_prep_kernel)[(q_programs + g.nkb * g.b * g.hk,)](
-        qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,
-        scale * LOG2E,
-        kh, *kh.stride(), buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"], g.hk, g.nk, g.nk_pad, g.nkb,
-        ksum, g.d, nchunk, ns, q_programs,
-        BQ=BLOCK_Q, BK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), EVEN_D=g.d == g.dp,
-        SUB_Q=min(PREP_ROWS["q"], BLOCK_Q), SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K),
-        num_warps=PREP_WARPS["qk"], **g.chained(),
-    )
+    fp8 = pv_dtype == "fp8"
+    fuse_v = v is not None and g.nkb * g.b * g.hk <= FUSE_V_MAX
     if v is not None:
-        fp8 = pv_dtype == "fp8"
         if fp8:
             buf["v8"] = new_buffer((g.b * g.hk, g.dp, g.nk_pad), torch.float8_e4m3fn, dev)
         else:
             buf["v8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.float16, dev)
         buf["vs"] = new_buffer((g.b * g.hk, g.dp), f32, dev)
+    q_programs, k_programs = g.nqb * g.b * g.h, g.nkb * g.b * g.hk
+    vt = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"]) if fuse_v else (kh, *kh.stride(), vmax, vfix, ksum, ksum)
+    _Fast.get(_qk_prep_kernel)[(q_programs + k_programs * (2 if fuse_v else 1),)](
+        qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,
+        scale * LOG2E,
+        kh, *kh.stride(), buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"], g.hk, g.nk, g.nk_pad, g.nkb,
+        ksum, g.d, nchunk, ns, q_programs, k_programs, *vt, V_SAMPLE_TARGET, V_FP8_MAX,
+        BQ=BLOCK_Q, BK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), EVEN_D=g.d == g.dp,
+        SUB_Q=min(PREP_ROWS["q"], BLOCK_Q), SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K),
+        HAS_V=fuse_v, SUB_V=PREP_ROWS["v"], FP8=fp8, INTERPRET=_interpreting(), SM90_ORDER=bool(sm90 and fp8),
+        num_warps=PREP_WARPS["qk"], **g.chained(),
+    )
+    if v is not None:
         vargs = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"], g.hk, g.nk, g.d, g.nk_pad)
         vmeta = dict(BLK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), FP8=fp8, INTERPRET=_interpreting(),
                      EVEN_D=g.d == g.dp, SM90_ORDER=sm90 and fp8, num_warps=PREP_WARPS["v"], **g.chained())
-        _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](*vargs, V_SAMPLE_TARGET, V_FP8_MAX, nchunk, **vmeta)
+        if not fuse_v:
+            _Fast.get(_v_prep_kernel)[(g.nkb, g.b * g.hk)](*vargs, V_SAMPLE_TARGET, V_FP8_MAX, nchunk, **vmeta)
         _Fast.get(_v_fix_kernel)[(g.b * g.hk, min(g.nkb, V_FIX_PROGRAMS))](
             *vargs, g.nkb, V_SAMPLE_TARGET, V_FP8_MAX, nchunk, **vmeta)
         buf["v_order"] = "sm90" if sm90 and fp8 else "tokens"
@@ -648,7 +658,7 @@ def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges
             return None
     tensors = tuple(_tensor_key(t) for t in (q, k, v))
     knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
-             tuple(PREP_ROWS.items()), PDL)
+             tuple(PREP_ROWS.items()), PDL, FUSE_V_MAX)
     return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, knobs
 
 

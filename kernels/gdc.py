@@ -1,7 +1,7 @@
 """Programmatic dependent launch (PDL, sm_90 and newer) between the launches of one call.
 
-A call is 7-9 short launches; at Flux size each boundary costs ~2 us of launch latency and ramp-up
-in which the GPU does nothing. With PDL the next kernel of the call is launched with
+A call is 6-7 short launches (one more with statistics); at Flux size each boundary costs ~1-2 us of launch
+latency and ramp-up in which the GPU does nothing. With PDL the next kernel of the call is launched with
 ``launch_pdl=True`` and its programs are scheduled as soon as every program of the current kernel
 has started (``griddepcontrol.launch_dependents``); they wait in ``griddepcontrol.wait`` until the
 current kernel has completed and its writes are visible, then run. Every kernel of the call waits

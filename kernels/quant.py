@@ -212,25 +212,35 @@ def _qk_block(
 def _qk_prep_kernel(
     Q, qsb, qsh, qsn, qsd, Q8, QS, POOL_Q, SIM_Q, H, NQ, NQ_PAD, NQB, q_mult,
     K, ksb, ksh, ksn, ksd, K8, KS, POOL_K, SIM_K, HK, NK, NK_PAD, NKB,
-    KSUM, D, NCHUNK, NS, Q_PROGRAMS,
+    KSUM, D, NCHUNK, NS, Q_PROGRAMS, K_PROGRAMS,
+    V, vsb, vsh, vsn, vsd, VMAX, VFIX, V8, VS, vmax_target, v_limit,
     BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr, EVEN_D: tl.constexpr,
-    SUB_Q: tl.constexpr, SUB_K: tl.constexpr, PDL: tl.constexpr = False,
+    SUB_Q: tl.constexpr, SUB_K: tl.constexpr, HAS_V: tl.constexpr = False, SUB_V: tl.constexpr = 32,
+    FP8: tl.constexpr = True, INTERPRET: tl.constexpr = False, SM90_ORDER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
-    """One launch for the Q and the K blocks (:func:`_qk_block`): programs ``0 .. Q_PROGRAMS-1`` take Q
-    block ``pid % NQB`` of head ``pid // NQB`` (one INT8 scale per token, ``q_mult`` folded in); the
-    others the K blocks in the same order (centred by the sampled token mean, one scale per block).
-    One launch instead of two: the K programs fill the SMs while the last Q programs run."""
+    """One launch for the Q, K (and with HAS_V the V) blocks: programs ``0 .. Q_PROGRAMS-1`` take Q block
+    ``pid % NQB`` of head ``pid // NQB`` (:func:`_qk_block`, one INT8 scale per token, ``q_mult`` folded
+    in); the next ``K_PROGRAMS`` the K blocks in the same order (centred by the sampled token mean, one
+    scale per block); the rest the V blocks (:func:`_v_prep_one`, in pieces of ``SUB_V`` rows).
+    One launch instead of three: the later kinds fill the SMs while the last programs of the earlier run."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     if pid < Q_PROGRAMS:
         _qk_block(Q, qsb, qsh, qsn, qsd, KSUM, Q8, QS, POOL_Q, SIM_Q, pid % NQB, pid // NQB,
                   H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS,
                   BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q)
-    else:
+    elif pid < Q_PROGRAMS + K_PROGRAMS:
         pk = pid - Q_PROGRAMS
         _qk_block(K, ksb, ksh, ksn, ksd, KSUM, K8, KS, POOL_K, SIM_K, pk % NKB, pk // NKB,
                   HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS,
                   BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K)
+    else:
+        if HAS_V:
+            pv = pid - Q_PROGRAMS - K_PROGRAMS
+            _v_prep_one(V, vsb, vsh, vsn, vsd, VMAX, VFIX, V8, VS, pv % NKB, pv // NKB,
+                        HK, NK, D, NK_PAD, vmax_target, v_limit, NCHUNK,
+                        BK, DP, NCHUNK_P2, FP8, INTERPRET, EVEN_D, SM90_ORDER, SUB_V)
 
 
 @triton.jit
@@ -264,30 +274,34 @@ def _v_sample_amax(VMAX, bh, NCHUNK, cols, DP: tl.constexpr, NCHUNK_P2: tl.const
 def _v_block(
     V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, inv, lim, cols,
     BLK: tl.constexpr, DP: tl.constexpr, FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr,
-    SM90_ORDER: tl.constexpr,
+    SM90_ORDER: tl.constexpr, SUB: tl.constexpr,
 ):
-    """Scale block ``blk`` of V by ``inv`` per channel, cast and store it. Returns 1 when every scaled
-    value satisfies ``|x * inv| <= lim`` (NaN never does), else 0.
+    """Scale block ``blk`` of V by ``inv`` per channel, cast and store it, in pieces of ``SUB`` rows (a
+    multiple of 32 with SM90_ORDER). Returns 1 when every scaled value satisfies ``|x * inv| <= lim``
+    (NaN never does), else 0.
 
-    SM90_ORDER loads the block's rows in the permuted order (:func:`sm90_token_source`) and stores them
-    in plain order: the same bytes as permuting the store, without a 64-bit address per stored byte."""
-    p = tl.arange(0, BLK)
-    if FP8 and SM90_ORDER:
-        rows = blk * BLK + sm90_token_source(p)
-    else:
-        rows = blk * BLK + p
-    x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
-    xs = x * inv[None, :]
-    # against a scalar limit: a per-channel one would take DP more registers per thread in the layout
-    # of the transposed store (one token, all channels per thread)
-    fits = tl.min((tl.abs(xs) <= lim).to(tl.int32))
-    xs = tl.where(xs == xs, xs, 0.0)
-    if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
-        base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
-        tl.store(base + cols[None, :] * N_PAD + p[:, None], _to_fp8(xs, INTERPRET))
-    else:
-        base = VOUT + (bh.to(tl.int64) * N_PAD + blk * BLK) * DP
-        tl.store(base + p[:, None] * DP + cols[None, :], xs.to(tl.float16))
+    SM90_ORDER loads the block's rows in the permuted order (:func:`sm90_token_source`, which permutes
+    within groups of 32) and stores them in plain order: the same bytes as permuting the store, without
+    a 64-bit address per stored byte."""
+    fits = tl.full([], 1, tl.int32)
+    for t in range(0, BLK // SUB):
+        p = t * SUB + tl.arange(0, SUB)
+        if FP8 and SM90_ORDER:
+            rows = blk * BLK + sm90_token_source(p)
+        else:
+            rows = blk * BLK + p
+        x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+        xs = x * inv[None, :]
+        # against a scalar limit: a per-channel one would take DP more registers per thread in the
+        # layout of the transposed store (one token, all channels per thread)
+        fits = tl.minimum(fits, tl.min((tl.abs(xs) <= lim).to(tl.int32)))
+        xs = tl.where(xs == xs, xs, 0.0)
+        if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
+            base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
+            tl.store(base + cols[None, :] * N_PAD + p[:, None], _to_fp8(xs, INTERPRET))
+        else:
+            base = VOUT + (bh.to(tl.int64) * N_PAD + blk * BLK) * DP
+            tl.store(base + p[:, None] * DP + cols[None, :], xs.to(tl.float16))
     return fits
 
 
@@ -299,15 +313,13 @@ def _v_inv(scale):
 
 
 @triton.jit
-def _v_prep_kernel(
-    V, sb, sh, sn, sd,
-    VMAX, VFIX, VOUT, VS,
+def _v_prep_one(
+    V, sb, sh, sn, sd, VMAX, VFIX, VOUT, VS, blk, bh,
     HK, N, D, N_PAD, vmax_target, v_limit, NCHUNK,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr, SUB: tl.constexpr,
 ):
-    """Scale block ``program_id(0)`` of V by ``1/(sampled_amax_c/vmax_target)`` per channel and cast it.
+    """Scale block ``blk`` of V head ``bh`` by ``1/(sampled_amax_c/vmax_target)`` per channel and cast it.
 
     FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
     fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
@@ -315,16 +327,13 @@ def _v_prep_kernel(
     expects (:func:`sm90_token_order`). A channel whose |max| in this block exceeds ``v_limit`` times
     its scale (or is non-finite) records that |max| in ``VFIX[bh, c]`` (atomic max) for ``_v_fix_kernel``.
     """
-    pdl_start(PDL)
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
     b = bh // HK
     h = bh % HK
     cols = tl.arange(0, DP)
     amax = _v_sample_amax(VMAX, bh, NCHUNK, cols, DP, NCHUNK_P2)
     scale = amax / vmax_target
     fits = _v_block(V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, _v_inv(scale), v_limit, cols,
-                    BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER)
+                    BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER, SUB)
     if fits == 0:  # rare: some value over (NaN, or nonzero under a zero scale, count as over)
         bmax = tl.zeros([DP], dtype=tl.float32)
         for t in range(0, BLK // 16):  # in pieces: this branch sets the register budget of the kernel
@@ -334,6 +343,23 @@ def _v_prep_kernel(
         tl.atomic_max(VFIX + bh.to(tl.int64) * DP + cols, bmax, mask=~(bmax <= v_limit * scale), sem="relaxed")
     if blk == 0:
         tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
+
+
+@triton.jit
+def _v_prep_kernel(
+    V, sb, sh, sn, sd,
+    VMAX, VFIX, VOUT, VS,
+    HK, N, D, N_PAD, vmax_target, v_limit, NCHUNK,
+    BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
+    FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_D: tl.constexpr, SM90_ORDER: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """:func:`_v_prep_one` for block ``program_id(0)`` of head ``program_id(1)`` (calls with more V blocks
+    than ``api.FUSE_V_MAX``; fewer go into :func:`_qk_prep_kernel`)."""
+    pdl_start(PDL)
+    _v_prep_one(V, sb, sh, sn, sd, VMAX, VFIX, VOUT, VS, tl.program_id(0), tl.program_id(1),
+                HK, N, D, N_PAD, vmax_target, v_limit, NCHUNK,
+                BLK, DP, NCHUNK_P2, FP8, INTERPRET, EVEN_D, SM90_ORDER, BLK)
 
 
 @triton.jit
@@ -361,7 +387,7 @@ def _v_fix_kernel(
         inv = _v_inv(scale)
         for blk in range(g, NB, tl.num_programs(1)):
             _v_block(V, sb, sh, sn, sd, VOUT, b, h, bh, blk, N, D, N_PAD, inv, v_limit, cols,
-                     BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER)
+                     BLK, DP, FP8, INTERPRET, EVEN_D, SM90_ORDER, BLK)
         if g == 0:
             bad = (amax == INF) | (fix == INF)
             tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(bad, float("nan"), scale))
