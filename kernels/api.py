@@ -292,6 +292,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
             buf["v8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.float16, dev)
         buf["vs"] = new_buffer((g.b * g.hk, g.dp), f32, dev)
     q_programs, k_programs = g.nqb * g.b * g.h, g.nkb * g.b * g.hk
+    # the V arguments; without HAS_V the kernel never reads them, so any tensors stand in
     vt = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"]) if fuse_v else (kh, *kh.stride(), vmax, vfix, ksum, ksum)
     _Fast.get(_qk_prep_kernel)[(q_programs + k_programs * (2 if fuse_v else 1),)](
         qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,

@@ -12,7 +12,7 @@ score, which is what limits this kernel (bench/NOTES.md #19). Per K block ``it``
 
 * P goes from the Q.K^T accumulator layout to the register operand of the FP8 P.V wgmma without
   shuffles: the key index is relabelled (:func:`_as_operand`) and V is stored with its tokens in the
-  same order (``quant.sm90_token_order``), so P.V is unchanged.
+  same order (``quant.sm90_token_source``), so P.V is unchanged.
 * P is converted and consumed in the same iteration (as a loop-carried value it would be unpacked
   and repacked byte by byte); S is converted with I2FP.
 * K and V tiles come through TMA into a ring of ``STAGES`` shared-memory slots, one mbarrier each.
@@ -85,7 +85,7 @@ def _as_operand(p, p_layout: gl.constexpr):
     moving data: within each 32 keys the accumulator gives a thread keys 8g+2t+e (g < 4, t = lane % 4,
     e < 2) and the operand wants keys 4t+i and 16+4t+i, so the registers are taken as they are and key c
     is relabelled k = c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4 (c_i: the bits of c). V is stored with token c at
-    position k (``quant.sm90_token_order``), so P.V is unchanged."""
+    position k (``quant.sm90_token_source``), so P.V is unchanged."""
     BM: gl.constexpr = p.shape[0]
     BN: gl.constexpr = p.shape[1]
     x = gl.reshape(p, [BM, BN // 32, 2, 2, 2, 2, 2])  # (row, c5, c4, c3, c2, c1, c0)

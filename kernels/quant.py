@@ -82,6 +82,15 @@ def _colstats_kernel(
 
 
 @triton.jit
+def _chunk_parts(PARTS, bh, NCHUNK, cols, DP: tl.constexpr, NCHUNK_P2: tl.constexpr):
+    """The ``[NCHUNK_P2, DP]`` per-chunk partials of head ``bh`` written by :func:`_colstats_kernel`
+    (rows past ``NCHUNK`` are 0), for the consumer to reduce."""
+    ch = tl.arange(0, NCHUNK_P2)
+    return tl.load(PARTS + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
+                   mask=ch[:, None] < NCHUNK, other=0.0)
+
+
+@triton.jit
 def _fp8_exact(x):
     """Round x to the nearest FP8 e4m3 value (ties to even, saturating at 448), in fp32 arithmetic.
 
@@ -164,12 +173,7 @@ def _qk_block(
     cols = tl.arange(0, DP)
     mean = tl.zeros([DP], dtype=tl.float32)
     if CENTER:
-        ch = tl.arange(0, NCHUNK_P2)
-        parts = tl.load(
-            KSUM + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
-            mask=ch[:, None] < NCHUNK, other=0.0,
-        )
-        mean = tl.sum(parts, 0) / NS
+        mean = tl.sum(_chunk_parts(KSUM, bh, NCHUNK, cols, DP, NCHUNK_P2), 0) / NS
     n_valid = tl.minimum(N - blk * BLK, BLK).to(tl.float32)
 
     # Pool and self-similarity; any non-finite value makes the similarity NaN. INT8 with scale
@@ -244,17 +248,10 @@ def _qk_prep_kernel(
 
 
 @triton.jit
-def sm90_token_order(n):
-    """Where token ``n`` sits in the FP8 V of the Hopper kernel (``attention_sm90._as_operand``): token c
-    of each 32 (bits c0..c4) at position c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4."""
-    c = n & 31
-    return (n - c) | (c & 1) | (((c >> 3) & 1) << 1) | (((c >> 1) & 3) << 2) | (c & 16)
-
-
-@triton.jit
 def sm90_token_source(p):
-    """The token stored at position ``p`` by :func:`sm90_token_order` (its inverse): bits p0..p4 of each
-    32 are token bits c0, c3, c1, c2, c4."""
+    """The token at position ``p`` of the FP8 V of the Hopper kernel (``attention_sm90._as_operand``),
+    which stores token c of each 32 (bits c0..c4) at position c0 + 2*c3 + 4*c1 + 8*c2 + 16*c4: bits
+    p0..p4 of a position are the token bits c0, c3, c1, c2, c4."""
     c = p & 31
     return (p - c) | (c & 1) | (((c >> 2) & 3) << 1) | (((c >> 1) & 1) << 3) | (c & 16)
 
@@ -262,12 +259,7 @@ def sm90_token_source(p):
 @triton.jit
 def _v_sample_amax(VMAX, bh, NCHUNK, cols, DP: tl.constexpr, NCHUNK_P2: tl.constexpr):
     """Per-channel |max| of the sampled tokens of head ``bh`` (+inf for a non-finite channel)."""
-    ch = tl.arange(0, NCHUNK_P2)
-    parts = tl.load(
-        VMAX + (bh.to(tl.int64) * NCHUNK + ch[:, None]) * DP + cols[None, :],
-        mask=ch[:, None] < NCHUNK, other=0.0,
-    )
-    return tl.max(parts, 0)
+    return tl.max(_chunk_parts(VMAX, bh, NCHUNK, cols, DP, NCHUNK_P2), 0)
 
 
 @triton.jit
@@ -324,7 +316,7 @@ def _v_prep_one(
     FP8: ``VOUT[bh, :DP, N_PAD]`` float8e4nv (transposed: tokens contiguous). Else ``VOUT[bh, N_PAD, :DP]``
     fp16. ``VS[bh, :DP]`` receives the per-channel scale (NaN for a channel holding a non-finite value).
     SM90_ORDER: the tokens of each block are stored in the order the Hopper kernel's P.V operand
-    expects (:func:`sm90_token_order`). A channel whose |max| in this block exceeds ``v_limit`` times
+    expects (:func:`sm90_token_source`). A channel whose |max| in this block exceeds ``v_limit`` times
     its scale (or is non-finite) records that |max| in ``VFIX[bh, c]`` (atomic max) for ``_v_fix_kernel``.
     """
     b = bh // HK

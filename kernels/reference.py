@@ -272,7 +272,8 @@ def quantize_like_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pv: 
 
     Q: INT8, one scale per token. K: centred by its sampled token mean (:func:`key_mean`), INT8, one
     scale per ``BLOCK_K`` tokens. V: ``pv="fp8"`` -> FP8 e4m3 with one scale per channel
-    (:func:`v_scale`); ``pv="fp16"`` -> fp16 with the same per-channel scale. Returns dequantized tensors ``(q, k, v)`` in the working precision.
+    (:func:`v_scale`); ``pv="fp16"`` -> fp16 with the same per-channel scale. Returns dequantized
+    tensors ``(q, k, v)`` in the working precision.
     A non-finite value makes its group's scale NaN (token of Q, block of K, channel of V).
     """
     q8, qs = _int8(q, _amax(q, -1))
