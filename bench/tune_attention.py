@@ -41,7 +41,7 @@ def main():
     grid = list(itertools.product(args.kernel.split(","), [int(x) for x in args.bm.split(",")],
                                   [int(x) for x in args.warps.split(",")], [int(x) for x in args.stages.split(",")],
                                   [bool(int(x)) for x in args.pair.split(",")]))
-    # the sm90 kernel has no paired walk and exists for the FP8 path only
+    # the sm90 kernel has no paired walk
     grid = [c for c in grid if c[0] == "tl" or not c[4]]
     for name in args.shapes.split(","):
         q, k, v = make_inputs(name)
@@ -54,8 +54,6 @@ def main():
             for topk in [float(x) for x in args.topk.split(",")]:
                 sel = A._select(next(iter(bufs.values())), g, scale, False, "topk", 0.98, -1.0, topk, None)
                 for kernel, bm, warps, stages, pair in grid:
-                    if kernel == "sm90" and pv != "fp8":
-                        continue
                     A.ATTN_CONFIG_OVERRIDE.clear()
                     A.ATTN_CONFIG_OVERRIDE.update(block_m=bm, num_warps=warps, num_stages=stages, pair=pair, kernel=kernel)
                     try:

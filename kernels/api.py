@@ -11,7 +11,7 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 5. ``_scores_kernel``    pooled map pool_q @ pool_k^T * scale in fp32
 6. ``_select_kernel``    TopCdf / TopK per row -> sorted LUT of kept K blocks + counts
 7. ``_attn_kernel``      the attention over the LUT (``_attn_kernel_sm90``, the Gluon kernel of
-                         ``attention_sm90.py``, on sm_90 GPUs for FP8 P.V without causal mask or P.V skip)
+                         ``attention_sm90.py``, on sm_90 GPUs without causal mask or P.V skip)
 8. ``_stats_kernel``     with ``return_stats=True``: per-head density and P.V skip fraction
 
 ``sparge_attn`` records the launches of the first call with a given plan key and replays them on
@@ -384,22 +384,25 @@ def _attention_config(dp: int, q_blocks: int) -> dict:
     return cfg
 
 
-def _sm90_config(dp: int, q_blocks: int) -> dict:
+def _sm90_config(dp: int, q_blocks: int, pv16: bool = False) -> dict:
     """Launch parameters of the Hopper kernel (kernels/attention_sm90.py), measured on an H100
-    (bench/NOTES.md #19): one warpgroup per program, 3 K/V stages; 128-row programs at head dim 128
-    when there are many Q blocks (Wan, HunyuanVideo), else 64 (Flux, CogVideoX)."""
-    cfg = {"block_m": 128 if dp == 128 and q_blocks >= 2048 else 64, "num_warps": 4, "num_stages": 3}
+    (bench/NOTES.md #19, #27): one warpgroup per program, 3 K/V stages; at head dim 128, 128-row
+    programs when there are many Q blocks (Wan, HunyuanVideo) or P.V is fp16, else 64 (Flux FP8,
+    CogVideoX)."""
+    big = dp == 128 and (q_blocks >= 2048 or pv16)
+    cfg = {"block_m": 128 if big else 64, "num_warps": 4, "num_stages": 3}
     cfg.update({k: v for k, v in ATTN_CONFIG_OVERRIDE.items() if k in cfg})
     return cfg
 
 
 def _sm90_covers(dp: int, pv_dtype: str, causal: bool, pv_skip: bool) -> bool:
-    """The calls the Hopper kernel implements: FP8 P.V, padded head dim 64 or 128, no causal mask, no P.V skip."""
-    return pv_dtype == "fp8" and dp in (64, 128) and not causal and not pv_skip
+    """The calls the Hopper kernel implements: FP8 or fp16 P.V, padded head dim 64 or 128, no causal mask,
+    no P.V skip."""
+    return pv_dtype in ("fp8", "fp16") and dp in (64, 128) and not causal and not pv_skip
 
 
 def _use_sm90(device: torch.device, dp: int, pv_dtype: str, causal: bool, pv_skip: bool) -> bool:
-    """Whether the call's attention runs in the Hopper kernel: an sm_90 GPU, Gluon available, FP8 P.V,
+    """Whether the call's attention runs in the Hopper kernel: an sm_90 GPU, Gluon available,
     head dim 64 or 128 (padded), no causal mask and no stage-2 skip. ``ATTN_CONFIG_OVERRIDE["kernel"]``
     or the environment variable ``SPARGEATTN_KERNEL`` ("auto", "tl" or "sm90") can force a choice."""
     want = ATTN_CONFIG_OVERRIDE.get("kernel") or os.environ.get("SPARGEATTN_KERNEL") or "auto"
@@ -415,7 +418,7 @@ def _use_sm90(device: torch.device, dp: int, pv_dtype: str, causal: bool, pv_ski
     elif _capability(device.index if device.index is not None else torch.cuda.current_device()) != (9, 0):
         reason = "not an sm_90 GPU"
     elif not _sm90_covers(dp, pv_dtype, causal, pv_skip):
-        reason = "it covers FP8 P.V at head dim <= 128 without causal mask or P.V skip"
+        reason = "it covers head dims <= 128 without causal mask or P.V skip"
     if reason is not None and want == "sm90":
         raise ValueError(f"the sm90 attention kernel cannot run this call: {reason}; set SPARGEATTN_KERNEL=auto")
     return reason is None
@@ -431,32 +434,37 @@ def walk_options(head_dim: int, n_q: int, batch_heads: int, *, device=None, pv_d
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() and not _interpreting() else torch.device("cpu")
     if _use_sm90(torch.device(device), dp, pv_dtype, causal, pv_threshold is not None):
-        return {"rows_per_decision": _sm90_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q))["block_m"], "pair": False}
+        cfg = _sm90_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q), pv_dtype == "fp16")
+        return {"rows_per_decision": cfg["block_m"], "pair": False}
     cfg = _attention_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q))
     return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"]}
 
 
 @functools.lru_cache(maxsize=None)
-def _nvmma_layouts(bm: int, dp: int):
-    """Shared-memory layouts of the Q, K and V^T tiles that the TMA descriptors describe."""
+def _nvmma_layouts(bm: int, dp: int, pv16: bool):
+    """Shared-memory layouts of the Q, K and V tiles that the TMA descriptors describe: V^T (DP, BLOCK_K)
+    in FP8, V (BLOCK_K, DP) in fp16."""
     get = _gl.NVMMASharedLayout.get_default_for
-    return get([bm, dp], _gl.int8), get([BLOCK_K, dp], _gl.int8), get([dp, BLOCK_K], _gl.float8e4nv)
+    lv = get([BLOCK_K, dp], _gl.float16) if pv16 else get([dp, BLOCK_K], _gl.float8e4nv)
+    return get([bm, dp], _gl.int8), get([BLOCK_K, dp], _gl.int8), lv
 
 
 def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom):
-    cfg = _sm90_config(g.dp, g.b * g.h * g.nqb)
+    pv16 = buf["v8"].dtype == torch.float16
+    cfg = _sm90_config(g.dp, g.b * g.h * g.nqb, pv16)
     bm = cfg["block_m"]
-    lq, lk, lv = _nvmma_layouts(bm, g.dp)
-    q2, k2, v2 = buf["q8"].view(-1, g.dp), buf["k8"].view(-1, g.dp), buf["v8"].view(-1, g.nk_pad)
+    lq, lk, lv = _nvmma_layouts(bm, g.dp, pv16)
+    q2, k2 = buf["q8"].view(-1, g.dp), buf["k8"].view(-1, g.dp)
+    v2 = buf["v8"].view(-1, g.dp) if pv16 else buf["v8"].view(-1, g.nk_pad)
     dq = _TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, g.dp], lq)
     dk = _TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_K, g.dp], lk)
-    dv = _TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [g.dp, BLOCK_K], lv)
+    dv = _TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [BLOCK_K, g.dp] if pv16 else [g.dp, BLOCK_K], lv)
     _Fast.get(_attn_kernel_sm90)[(g.nqb * (BLOCK_Q // bm), g.b * g.h)](
         dq, dk, dv, buf["qs"], buf["ks"], buf["vs"], lut, cnt, cnt_full,
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CLAMP=out.dtype == torch.float16, STAGES=cfg["num_stages"],
-        NW=cfg["num_warps"], num_warps=cfg["num_warps"], **g.chained(),
+        NW=cfg["num_warps"], num_warps=cfg["num_warps"], PV16=pv16, **g.chained(),
     )
     return out, None, BLOCK_Q // bm
 
@@ -473,7 +481,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
         )
     oh = _hnd(out, g.layout)
     sm90 = _use_sm90(q.device, g.dp, pv_dtype, causal, pv_threshold is not None)
-    if sm90 != (buf.get("v_order") == "sm90"):
+    if pv_dtype == "fp8" and sm90 != (buf.get("v_order") == "sm90"):  # fp16 V is the same for both kernels
         raise RuntimeError("internal: V was prepared for the other attention kernel (pass sm90= to _prep_qk)")
     if sm90:
         return _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g)

@@ -19,7 +19,11 @@ score, which is what limits this kernel (bench/NOTES.md #19). Per K block ``it``
   The LUT entries and K scales are loaded one or two iterations ahead (a warp stalls at the first
   use of a load, and one stalled warp holds the whole warpgroup at the next wgmma).
 
-Covered: head dims 64 and 128 (padded), FP8 P.V, no causal mask, no stage-2 skip; the launch code
+With ``PV16`` (``pv_dtype="fp16"``) P goes to the P.V wgmma as fp16 in the accumulator's own register
+layout, and V is the fp16 (tokens, D) copy of the portable kernel: twice the V bytes and half the
+tensor-core rate of FP8 for P.V, for ~3x less error (bench/NOTES.md, FP8 P.V accuracy).
+
+Covered: head dims 64 and 128 (padded), FP8 or fp16 P.V, no causal mask, no stage-2 skip; the launch code
 (``api._attend``) sends every other call to :func:`.attention._attn_kernel`. There is no Gluon
 interpreter: the CPU tests compile this kernel for sm_90 and the GPU tests compare it with the
 ``tl`` kernel and the reference's emulation.
@@ -43,20 +47,24 @@ def _mul_rn(a, b):
 
 @gluon.jit
 def _issue_kv(it, j, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars,
-              BN: gl.constexpr, DP: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the K and V tiles of block ``j`` (the LUT's entry ``it``) into slot ``it % STAGES``."""
+              BN: gl.constexpr, DP: gl.constexpr, STAGES: gl.constexpr, PV16: gl.constexpr):
+    """TMA loads of the K and V tiles of block ``j`` (the LUT's entry ``it``) into slot ``it % STAGES``.
+    FP8 V is stored transposed (DP rows per head, tokens contiguous); fp16 V as (tokens, DP) like K."""
     ok = it < n_all
     slot = it % STAGES
     bar = bars.index(slot)
-    mbarrier.expect(bar, 2 * BN * DP, pred=ok)
+    mbarrier.expect(bar, (3 if PV16 else 2) * BN * DP, pred=ok)
     tma.async_copy_global_to_shared(k_desc, [krow0 + j * BN, 0], bar, k_s.index(slot), pred=ok)
-    tma.async_copy_global_to_shared(v_desc, [vrow0, j * BN], bar, v_s.index(slot), pred=ok)
+    if PV16:
+        tma.async_copy_global_to_shared(v_desc, [krow0 + j * BN, 0], bar, v_s.index(slot), pred=ok)
+    else:
+        tma.async_copy_global_to_shared(v_desc, [vrow0, j * BN], bar, v_s.index(slot), pred=ok)
 
 
 @gluon.jit
 def _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset,
-             BN: gl.constexpr, p_layout: gl.constexpr):
-    """Scores of one block -> (m', l', P as fp8 in the P.V operand layout, alpha)."""
+             BN: gl.constexpr, p_layout: gl.constexpr, PV16: gl.constexpr):
+    """Scores of one block -> (m', l', P as fp8 (fp16 with PV16) in the P.V operand layout, alpha)."""
     s = s_int.to(gl.float32)  # one I2FP per score: faster here than the magic-number add (NOTES #19)
     s = _mul_rn(s, gl.expand_dims(qs * c_k, 1))
     if it >= n_full:  # the key tail: only the LUT's last entries carry padded keys
@@ -66,7 +74,11 @@ def _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset,
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(s - gl.expand_dims(m_use - p_offset, 1))
     l_i = l_i * alpha + gl.sum(p, 1)
-    return m_new, l_i, _fp8x4(_as_operand(p, p_layout)), alpha
+    if PV16:  # a 16-bit operand has the accumulator's register layout (the FA2 identity): nothing moves
+        p_op = gl.convert_layout(p.to(gl.float16), p_layout, assert_trivial=True)
+    else:
+        p_op = _fp8x4(_as_operand(p, p_layout))
+    return m_new, l_i, p_op, alpha
 
 
 @gluon.jit
@@ -110,10 +122,12 @@ def _attn_kernel_sm90(
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, p_offset,
     BQ: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, DP: gl.constexpr,
     CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr = False,
+    PV16: gl.constexpr = False,
 ):
     qk_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
-    pv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, DP, 32])
-    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_l, k_width=4)
+    PV_K: gl.constexpr = 16 if PV16 else 32  # the k of one P.V wgmma: 32 bytes of P per row either way
+    pv_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, DP, PV_K])
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=pv_l, k_width=2 if PV16 else 4)
     row_l: gl.constexpr = gl.SliceLayout(1, qk_l)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_l)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
@@ -138,7 +152,10 @@ def _attn_kernel_sm90(
 
     q_s = gl.allocate_shared_memory(gl.int8, [BM, DP], q_desc.layout)
     k_s = gl.allocate_shared_memory(gl.int8, [STAGES, BN, DP], k_desc.layout)
-    v_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DP, BN], v_desc.layout)
+    if PV16:
+        v_s = gl.allocate_shared_memory(gl.float16, [STAGES, BN, DP], v_desc.layout)
+    else:
+        v_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, DP, BN], v_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     qbar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(qbar, count=1)
@@ -149,7 +166,7 @@ def _attn_kernel_sm90(
     tma.async_copy_global_to_shared(q_desc, [bh * NQ_PAD + pid_m * BM, 0], qbar, q_s)
     for s in gl.static_range(STAGES):
         _issue_kv(s, gl.load(lut + s, mask=s < n_all, other=0), n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s,
-                  bars, BN, DP, STAGES)
+                  bars, BN, DP, STAGES, PV16)
     # LUT entries are read an iteration before they are needed: j_tma for the next refill, j_nxt / c_nxt
     # (and j_nxt2) for the softmax
     j_tma = gl.load(lut + STAGES, mask=STAGES < n_all, other=0)
@@ -178,16 +195,21 @@ def _attn_kernel_sm90(
             # The P.V of block it - 1 reads its P operand from registers until it completes: it must be done
             # before the softmax writes new P registers (overlapping them gave NaN: bench/NOTES.md #19).
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-            m_i, l_i, p8, alpha = _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset, BN, p_l)
+            m_i, l_i, p_op, alpha = _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset, BN, p_l,
+                                             PV16)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
             if it > 0:
                 gl.thread_barrier()  # every warp is done with block it - 1's slot before TMA refills it
-                _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES)
+                _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES,
+                          PV16)
                 j_tma = gl.load(lut + it + STAGES, mask=it + STAGES < n_all, other=0)
             # Q.K^T of block it + 1 (past the last block: stale data, result unused), then P.V of block it
             mbarrier.wait(bars.index(nxt), ((it + 1) // STAGES) & 1, pred=it + 1 < n_all)
             s_tok = warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            acc_tok = warpgroup_mma(p8, v_s.index(slot).permute((1, 0)), acc, is_async=True)
+            if PV16:
+                acc_tok = warpgroup_mma(p_op, v_s.index(slot), acc, is_async=True)
+            else:
+                acc_tok = warpgroup_mma(p_op, v_s.index(slot).permute((1, 0)), acc, is_async=True)
             s_int = warpgroup_mma_wait(1, deps=(s_tok,))
             # no load here depends on a load of the same iteration (a warp stalls on the first use)
             j = j_nxt

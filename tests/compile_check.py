@@ -33,7 +33,7 @@ _DTYPES = {
 }
 KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_v_fix_kernel", "_scores_kernel", "_select_kernel",
            "_attn_kernel", "_attn_kernel_sm90"]
-_GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv"}
+_GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv", torch.float16: "fp16"}
 
 
 class Compiler:
