@@ -14,7 +14,8 @@ noise in every configuration:
 * ``full``, ``topk0.5``, ``topk0.3``: the model patched through ``apply_sparge`` (what the node runs)
   with top-k 1.0 / 0.5 / 0.3 from the first step on (start_percent 0, no dense blocks, min_tokens 0,
   sim_threshold -1 so that only top-k decides, text protected, P·V skip off);
-* ``topk0.5-hilbert`` (optional): top-k 0.5 in Hilbert token order.
+* ``topk0.5-hilbert`` (optional): top-k 0.5 in Hilbert token order;
+* ``topk0.5-accurate`` (optional): top-k 0.5 with the node's "accurate" P·V precision (fp16).
 
 Random weights give attention without the local structure of a trained model (q·k logits of
 random vectors), so the cdf mode would keep almost every block; the speed table therefore uses
@@ -106,10 +107,11 @@ CONFIGS = {
     "topk0.5": dict(topk=0.5),
     "topk0.3": dict(topk=0.3),
     "topk0.5-hilbert": dict(topk=0.5, token_order="hilbert"),
+    "topk0.5-accurate": dict(topk=0.5, precision="accurate"),
 }
 DEFAULT_CONFIGS = "unpatched,full,topk0.5,topk0.3"
 # Step time relative to unpatched, for the time budget only (pessimistic).
-COST = {"unpatched": 1.0, "full": 1.4, "topk0.5": 0.85, "topk0.3": 0.7, "topk0.5-hilbert": 0.9}
+COST = {"unpatched": 1.0, "full": 1.4, "topk0.5": 0.85, "topk0.3": 0.7, "topk0.5-hilbert": 0.9, "topk0.5-accurate": 0.9}
 COMPILE_S = 60.0  # first patched run of the process: Triton compiles the kernels
 
 

@@ -29,6 +29,8 @@ log = logging.getLogger("spargeattn")
 
 MODES = ("cdf", "topk")
 TOKEN_ORDERS = ("row-major", "hilbert")
+#: P.V precision: "fast" = FP8 where the GPU has FP8 tensor cores (sm_89+), else fp16; "accurate" = fp16
+PRECISIONS = {"fast": "auto", "accurate": "fp16"}
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Categories of dense calls; statistics count by category, verbose logs add the detail.
@@ -74,6 +76,8 @@ class SpargeConfig:
         Order of the latent grid's tokens inside the kernel.
     verbose : bool
         Log each dense reason once per run and one line of statistics per step.
+    precision : "fast" or "accurate"
+        P.V in FP8 (sm_89+) or in fp16 (~3x less error, slower; bench/NOTES.md #27).
     """
 
     mode: str = "topk"
@@ -88,8 +92,11 @@ class SpargeConfig:
     protect_text: bool = True
     token_order: str = "row-major"
     verbose: bool = False
+    precision: str = "fast"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.token_order not in TOKEN_ORDERS:
@@ -400,7 +407,7 @@ class SpargeState:
             extra["out"] = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)
         out, stats = self.kernel.attn(
             q, k, v, layout=view.layout, scale=scale, keep_ranges=list(layout.keep_ranges) or None,
-            return_stats=True, **extra, **kernel_options)
+            return_stats=True, pv_dtype=PRECISIONS[self.config.precision], **extra, **kernel_options)
         if inverse is not None:
             out = out.index_select(view.token_dim, inverse)
         return out, stats

@@ -53,7 +53,7 @@ def test_pack_loads_through_the_custom_node_loader(server):
     assert node["display_name"] == "SpargeAttn Patch" and node["output"] == ["MODEL"]
     assert node["input_order"]["required"] == [
         "model", "mode", "topk", "cdf_threshold", "sim_threshold", "pv_threshold", "start_percent",
-        "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose", "tuned"]
+        "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose", "tuned", "precision"]
     assert node["input"]["required"]["tuned"][1]["options"] == ["none"]  # no file in models/spargeattn yet
     assert {"SpargeAttnTune", "SpargeAttnSaveTuned"} <= set(info)
     required = node["input"]["required"]

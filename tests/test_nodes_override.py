@@ -287,6 +287,18 @@ def test_config_validation_names_the_fix():
     assert ov.SpargeConfig(pv_threshold=15).kernel_options()["pv_threshold"] == 15
 
 
+def test_precision_chooses_the_pv_type():
+    """'fast' leaves the P.V type to the kernel (FP8 where the GPU has it); 'accurate' asks for fp16, on the
+    sparse calls of a tuned-thresholds run too (the same kernel call)."""
+    for precision, want in (("fast", "auto"), ("accurate", "fp16")):
+        k = FakeKernel()
+        state = make(kernel=k, precision=precision)
+        call(state, *qkv(layout="HND"), 2, skip_reshape=True)
+        assert not reasons(state) and k.calls[-1]["pv_dtype"] == want, precision
+    with pytest.raises(ValueError, match="precision must be one of .'fast', 'accurate'."):
+        ov.SpargeConfig(precision="fp8")
+
+
 def test_parse_dense_blocks():
     assert ov.parse_dense_blocks("0, 1, 47-49") == {0, 1, 47, 48, 49}
     assert ov.parse_dense_blocks(" ") == frozenset()

@@ -34,7 +34,8 @@ class ReferenceKernel:
         self.api = ov.KernelAPI(self.attn, lambda device: None, range(1, 257))
 
     def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, mode, cdf_threshold, sim_threshold, topk,
-             pv_threshold):
+             pv_threshold, pv_dtype):
+        assert pv_dtype == "auto"
         self.calls.append(dict(mode=mode, cdf_threshold=cdf_threshold, sim_threshold=sim_threshold, topk=topk,
                                pv_threshold=pv_threshold))
         mask = R.predict_block_mask(q, k, layout=layout, scale=scale, mode=mode, cdf_threshold=cdf_threshold,
