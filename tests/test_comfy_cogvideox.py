@@ -43,7 +43,8 @@ def test_pack_and_wrapper_load_and_the_node_takes_the_wrapper_model(server):
     assert info["CogVideoSampler"]["input"]["required"]["model"][0] == "COGVIDEOMODEL"
     options = node["input_order"]["required"][1:]
     assert options == ["mode", "topk", "cdf_threshold", "sim_threshold", "pv_threshold", "start_percent",
-                       "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose"]
+                       "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose",
+                       "precision"]
     for name in options:  # the patch node's widgets, defaults and tooltips; text protection worded for CogVideoX
         ours, theirs = node["input"]["required"][name], patch["input"]["required"][name]
         assert ours[1]["default"] == theirs[1]["default"]

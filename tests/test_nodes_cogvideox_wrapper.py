@@ -140,7 +140,8 @@ def test_the_node_through_comfyui_v3_execution(wrapper, pack, monkeypatch):
     schema = SpargeAttnCogVideoX.GET_SCHEMA()
     defaults = {i.id: i.default for i in schema.inputs if i.id != "model"}
     assert list(defaults) == ["mode", "topk", "cdf_threshold", "sim_threshold", "pv_threshold", "start_percent",
-                              "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose"]
+                              "end_percent", "dense_blocks", "min_tokens", "protect_text", "token_order", "verbose",
+                              "precision"]
     SpargeAttnCogVideoX.VALIDATE_CLASS()
     node = SpargeAttnCogVideoX.PREPARE_CLASS_CLONE({"hidden_inputs": {io.Hidden.unique_id: "12:3"}})
     model = build_cogvideox(wrapper)
