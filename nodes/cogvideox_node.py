@@ -54,7 +54,7 @@ class SpargeAttnCogVideoX(io.ComfyNode):
                 "a copy of the model its own attention functions; the loaded model stays unchanged for other "
                 "workflows. CogVideoX-5B at 720x480, 49 frames has 17 776 tokens per attention (226 text + "
                 "13x30x45 video) at head dim 64. Measured on an H100 (random weights, top-k 0.5): attention "
-                "2.0x faster than SDPA, a whole CogVideoX-5B step 1.24x (attention is ~42% of it). Text tokens, "
+                "2.0x faster than SDPA, a whole CogVideoX-5B step 1.26x (attention is ~41% of it). Text tokens, "
                 "the first steps and "
                 "the dense blocks stay dense; verbose logs why. Needs an NVIDIA GPU (sm80+) and Triton; "
                 "elsewhere the model runs dense. To undo: bypass this node (Ctrl+B) or remove it."),
