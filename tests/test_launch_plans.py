@@ -194,3 +194,26 @@ def test_a_plan_keeps_no_buffer_of_the_recorded_call():
     torch.cuda.synchronize()
     assert _key_count() == 1
     assert torch.cuda.memory_allocated() == before  # the workspace and every recorded buffer were freed
+
+
+@pytest.mark.parametrize("pv", ["auto", "fp16"])
+def test_replay_reuses_arguments_only_for_the_same_addresses(pv):
+    """A replay on the addresses of the replay before reuses its argument lists (GPU); any other
+    address rebuilds them. Alternating between two input sets, each call must match the normal path,
+    and an in-place change of an input must show (the arguments are addresses, not copies)."""
+    seed = _seed()
+    A._PLANS.clear()
+    kw = dict(mode="topk", topk=0.5, sim_threshold=-1.0, pv_dtype=pv)
+    x = _inputs(seed, "HND")
+    y = _inputs(seed + 1, "HND")
+    sparge_attn(*x, **kw)  # recorded
+    plan = next(iter(A._PLANS.values()))
+    assert isinstance(plan, L.Plan)
+    for i, (q, k, v) in enumerate([x, x, y, y, x]):
+        if i == 4:
+            v.mul_(-1.0)  # same addresses as the call before the last two, new values
+        out = sparge_attn(q, k, v, **kw)
+        ref = _normal(q, k, v, kw)[0]
+        assert torch.equal(out, ref), f"call {i}, seed={seed}"
+        if ON_GPU:
+            assert plan._last is not None and plan._last[0][:3] == (q.data_ptr(), k.data_ptr(), v.data_ptr())
