@@ -147,8 +147,8 @@ class SpargeAttnPatch(io.ComfyNode):
                 "For each 128-query block it predicts which 64-key blocks matter and computes only those, "
                 "with INT8 Q·Kᵀ and FP8 P·V. The gain grows with sequence length. Measured on an H100 "
                 "(random weights, top-k 0.5): attention 2.3x faster than dense SDPA at Wan 480p x 81 frames "
-                "(32 760 tokens), a whole Wan 2.1-1.3B step 1.56x, HunyuanVideo 720p 1.92x; Flux 1024² "
-                "(4 608 tokens) attention 1.35x, but attention is only ~15% of a Flux step, hence min_tokens. "
+                "(32 760 tokens), a whole Wan 2.1-1.3B step 1.57x, HunyuanVideo 720p 1.94x; Flux 1024² "
+                "(4 608 tokens) attention 1.37x, but attention is only ~15% of a Flux step, hence min_tokens. "
                 "Cross-attention, masked attention, short sequences, the first steps and the "
                 "dense blocks stay dense; verbose logs why. Needs an NVIDIA GPU (sm80+) and Triton; "
                 "elsewhere the model runs dense. To undo: bypass this node (Ctrl+B) or remove it."),
@@ -160,8 +160,8 @@ class SpargeAttnPatch(io.ComfyNode):
                                        "to cover tau of the predicted attention mass (adapts per head)."),
                 _slider(io.Float, "topk", "top-k", 0.5, 0.05, 1.0, 0.01,
                         "mode topk: fraction of key blocks each query block computes. Wan 480p attention on "
-                        "an H100 vs dense SDPA: 0.5 -> 2.3x, 0.15 -> 6.9x, 1.0 (every block, quantization "
-                        "only) -> 1.2x; a whole Wan 2.1-1.3B step: 0.5 -> 1.56x, 0.3 -> 1.85x."),
+                        "an H100 vs dense SDPA: 0.5 -> 2.3x, 0.15 -> 7.0x, 1.0 (every block, quantization "
+                        "only) -> 1.2x; a whole Wan 2.1-1.3B step: 0.5 -> 1.57x, 0.3 -> 1.85x."),
                 _slider(io.Float, "cdf_threshold", "τ (cdf)", 0.98, 0.5, 1.0, 0.005,
                         "mode cdf: keep the most likely key blocks until their predicted attention mass "
                         "reaches tau. 0.98 is the upstream default; lower is sparser, 1.0 keeps all."),
@@ -188,8 +188,8 @@ class SpargeAttnPatch(io.ComfyNode):
                                         "and 13 of 30 heads sparse."),
                 _slider(io.Int, "min_tokens", "minimum tokens", 12288, 0, 262144, 256,
                         "Shorter sequences stay dense: the gain grows with length (H100, attention at "
-                        "top-k 0.5 vs dense SDPA: 1.35x at 4 608 tokens, 2.0x at 17 776, 2.3x at 32 760). "
-                        "A Flux 1024² step (4 608 tokens) gains ~2% at top-k 0.5, so it stays dense below "
+                        "top-k 0.5 vs dense SDPA: 1.37x at 4 608 tokens, 2.0x at 17 776, 2.3x at 32 760). "
+                        "A Flux 1024² step (4 608 tokens) gains 2-3% at top-k 0.5, so it stays dense below "
                         "the default 12 288; set 4096 to make it sparse."),
                 io.Boolean.Input("protect_text", display_name="protect text tokens", default=True,
                                  tooltip="Always compute text tokens (as queries and as keys) in joint "
