@@ -284,7 +284,10 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
     buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
     fp8 = pv_dtype == "fp8"
-    fuse_v = v is not None and g.nkb * g.b * g.hk <= FUSE_V_MAX
+    # not with a single key token: on the H100 (Triton 3.6), 16-bit V with an odd head dim (masked columns)
+    # and Nk == 1 (an argument Triton specializes) came out of the 32-row pieces with some padded token
+    # positions unwritten (bench/NOTES.md #30); the V kernel of its own writes them
+    fuse_v = v is not None and g.nkb * g.b * g.hk <= FUSE_V_MAX and g.nk > 1
     if v is not None:
         if fp8:
             buf["v8"] = new_buffer((g.b * g.hk, g.dp, g.nk_pad), torch.float8_e4m3fn, dev)
