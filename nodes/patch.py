@@ -232,6 +232,10 @@ class SpargeAttnPatch(io.ComfyNode):
         if thresholds is not None:
             mode, token_order = thresholds.mode, thresholds.token_order
             logging.info("SpargeAttn Patch: tuned thresholds from %s: %s", thresholds.source, thresholds.summary())
+            if thresholds.precision == "accurate" and precision != "accurate":
+                logging.warning("SpargeAttn Patch: %s was tuned with P·V precision 'accurate' and is applied with "
+                                "'%s': the FP8 rounding comes on top of the errors it was tuned for. Set P·V "
+                                "precision to 'accurate', or tune again with 'fast'.", thresholds.source, precision)
         problem = kernel_problem()
         if problem is not None:
             logging.warning("SpargeAttn Patch: the sparse kernel cannot run here (%s); the model will "

@@ -16,7 +16,9 @@ Metadata (strings; JSON where noted): ``format``, ``format_version``, ``pack_ver
 ``model_class``, ``heads``, ``head_dim``, ``blocks`` (JSON, block lists and their lengths),
 ``layers`` (JSON list, in call order), ``latent_grids`` (JSON list of the (T', H', W') grids seen),
 ``mode``, ``token_order``, ``protect_text``, ``l1_target``, ``pv_target``, ``evaluations`` (model
-evaluations seen by the tuner), ``complete`` ("true" when every layer finished the search).
+evaluations seen by the tuner), ``complete`` ("true" when every layer finished the search), ``precision``
+(the P·V precision the errors were measured with, "fast" or "accurate"; files written before it existed
+were tuned with "fast" and read as such).
 
 Reading never trusts the file: size, header, metadata, every tensor's name, shape, dtype and range
 are checked, and any problem raises a ``ValueError`` that names the file. Writing is atomic (a
@@ -43,6 +45,8 @@ FOLDER = "spargeattn"
 EXTENSION = ".safetensors"
 THRESHOLDS = ("cdf_threshold", "sim_threshold", "pv_threshold", "topk")
 MEASURED = ("density", "pv_skipped")
+#: The P·V precisions a file can record (the names of ``override.PRECISIONS``).
+PRECISIONS = ("fast", "accurate")
 #: Accepted range of each stored value (NaN is allowed only for the measured ones).
 RANGES = {"cdf_threshold": (0.0, 1.0), "sim_threshold": (-1.0, 1.0), "pv_threshold": (0.0, 64.0),
           "topk": (0.0, 1.0), "density": (0.0, 1.0), "pv_skipped": (0.0, 1.0)}
@@ -112,6 +116,8 @@ class TunedThresholds:
     complete : bool
         Every layer finished the search (see ``nodes.tune``).
     pack_version : str
+    precision : str
+        The P·V precision the tuner measured with ("fast": FP8, "accurate": fp16).
     source : str
         Where the thresholds come from (the file's path), for messages.
     """
@@ -127,6 +133,7 @@ class TunedThresholds:
     evaluations: int = 0
     complete: bool = False
     pack_version: str = ""
+    precision: str = "fast"
     source: str = "the tuned thresholds"
     _device_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -180,8 +187,8 @@ class TunedThresholds:
             return f"{t.mean().item():.3f}" if t.numel() else "n/a"
 
         stage2 = f", P·V target {self.pv_target:g}" if self.pv_target else ", P·V skip off"
-        return (f"{len(self.layers)} layers x {self.signature.heads} heads, mode {self.mode}, relL1 target "
-                f"{self.l1_target:g}{stage2}; density {mean(dens)}, P·V skipped {mean(skip)} (measured while tuning, "
+        return (f"{len(self.layers)} layers x {self.signature.heads} heads, mode {self.mode}, P·V {self.precision}, "
+                f"relL1 target {self.l1_target:g}{stage2}; density {mean(dens)}, P·V skipped {mean(skip)} (measured while tuning, "
                 f"{self.evaluations} evaluations{'' if self.complete else ', search not finished in every layer'})")
 
     # ---- file ----
@@ -199,6 +206,7 @@ class TunedThresholds:
             "token_order": self.token_order, "protect_text": json.dumps(self.protect_text),
             "l1_target": repr(float(self.l1_target)), "pv_target": repr(float(self.pv_target)),
             "evaluations": str(self.evaluations), "complete": json.dumps(self.complete),
+            "precision": self.precision,
         }
         return tensors, meta
 
@@ -228,6 +236,9 @@ class TunedThresholds:
         token_order = meta.get("token_order")
         if token_order not in ("row-major", "hilbert"):
             raise ValueError(f"token_order must be 'row-major' or 'hilbert', got {token_order!r}")
+        precision = meta.get("precision", "fast")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         expected = {f"{layer}.{name}" for layer in layers for name in THRESHOLDS + MEASURED}
         if set(tensors) != expected:
             extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
@@ -254,7 +265,8 @@ class TunedThresholds:
             layers=per_layer, mode=mode, token_order=token_order,
             protect_text=_json(meta, "protect_text", bool), l1_target=l1, pv_target=pv,
             latent_grids=[tuple(g) for g in grids], evaluations=_int(meta, "evaluations"),
-            complete=_json(meta, "complete", bool), pack_version=str(meta.get("pack_version", "")))
+            complete=_json(meta, "complete", bool), pack_version=str(meta.get("pack_version", "")),
+            precision=precision)
 
 
 def _int(meta: dict, key: str) -> int:

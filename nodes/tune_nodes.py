@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from .. import __version__
 from . import presets, tuned_folder
 from .adapters import model_family
-from .override import MODES, TOKEN_ORDERS, SpargeState
+from .override import MODES, PRECISIONS, TOKEN_ORDERS, SpargeState
 from .patch import KEY, _slider, apply_sparge, kernel_problem
 from .tune import Tuner, search_length
 
@@ -45,7 +45,7 @@ def tune_model(model, *, mode: str = "topk", l1_target: float = 0.05, pv_target:
         The Tune node's id: progress is shown on it.
     **patch_options
         The remaining :func:`~.patch.apply_sparge` options (window, dense_blocks, min_tokens,
-        protect_text, token_order, verbose, kernel).
+        protect_text, token_order, verbose, precision, kernel).
 
     Returns
     -------
@@ -87,7 +87,7 @@ def tuned_thresholds(model) -> presets.TunedThresholds:
         signature=signature, layers=result.layers, mode=tuner.mode, token_order=c.token_order,
         protect_text=c.protect_text, l1_target=tuner.l1_target, pv_target=tuner.pv_target,
         latent_grids=list(tuner.grids), evaluations=result.evaluations, complete=result.complete,
-        pack_version=__version__)
+        pack_version=__version__, precision=c.precision)
 
 
 def save_tuned(model, name: str, overwrite: bool = False, folder: str | None = None) -> tuple[str, str]:
@@ -158,6 +158,12 @@ class SpargeAttnTune(io.ComfyNode):
                                        "patch node applies the file in the same order."),
                 io.Boolean.Input("verbose", default=False,
                                  tooltip="Log dense reasons once per run and one statistics line per step."),
+                io.Combo.Input("precision", display_name="P·V precision", options=list(PRECISIONS), default="fast",
+                               tooltip="The P·V precision the probes run with; the file records it. Tune with the "
+                                       "one you will apply: the errors measured with 'fast' (FP8) include its "
+                                       "rounding, so such a file is on the careful side under 'accurate' (fp16); "
+                                       "a file tuned with 'accurate' and applied with 'fast' exceeds its targets "
+                                       "by about the FP8 rounding (SpargeAttn Patch warns)."),
             ],
             outputs=[io.Model.Output(tooltip="The model in tune mode: sample with it as usual, then connect it "
                                              "to 'SpargeAttn Save Tuned'.")],
@@ -166,7 +172,7 @@ class SpargeAttnTune(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, l1_target, pv_target, sim_threshold, start_percent, end_percent, dense_blocks,
-                min_tokens, protect_text, token_order, verbose) -> io.NodeOutput:
+                min_tokens, protect_text, token_order, verbose, precision="fast") -> io.NodeOutput:
         problem = kernel_problem()
         if problem is not None:
             logging.warning("SpargeAttn Tune: the sparse kernel cannot run here (%s); attention calls on this "
@@ -175,7 +181,7 @@ class SpargeAttnTune(io.ComfyNode):
                                 sim_threshold=sim_threshold, node_id=cls.hidden.unique_id,
                                 start_percent=start_percent, end_percent=end_percent, dense_blocks=dense_blocks,
                                 min_tokens=min_tokens, protect_text=protect_text, token_order=token_order,
-                                verbose=verbose)
+                                verbose=verbose, precision=precision)
         return io.NodeOutput(patched)
 
 

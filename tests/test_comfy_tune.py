@@ -6,6 +6,7 @@ inputs, then ``execute``). On a CPU the kernel runs in the Triton interpreter (`
 from conftest), which ``kernels.unavailable_reason`` accepts, so the calls are really tuned.
 """
 
+import logging
 import os
 
 import pytest
@@ -53,12 +54,12 @@ def tune_node(pack, model, **overrides):
     return node(tune_nodes.SpargeAttnTune).execute(model, **args).args[0]
 
 
-def patch_node(pack, model, tuned):
+def patch_node(pack, model, tuned, precision="fast"):
     patch, _ = pack
     return node(patch.SpargeAttnPatch).execute(
         model, mode="cdf", topk=0.5, cdf_threshold=0.98, sim_threshold=0.6, pv_threshold=0.0, start_percent=0.0,
         end_percent=1.0, dense_blocks="", min_tokens=0, protect_text=True, token_order="hilbert", verbose=False,
-        tuned=tuned).args[0]
+        tuned=tuned, precision=precision).args[0]
 
 
 def test_tune_save_list_load_and_sample(pack, wan, folder, monkeypatch):
@@ -100,6 +101,26 @@ def test_tune_save_list_load_and_sample(pack, wan, folder, monkeypatch):
     assert torch.isfinite(out2).all()
     ref = sample(wan, "wan", latent, steps=2)
     assert ((out2 - ref).abs().sum() / ref.abs().sum()).item() < 0.1
+
+
+def test_the_tune_precision_goes_to_the_probes_and_the_file(pack, wan, folder, caplog):
+    patch, tune_nodes = pack
+    tuned = tune_node(pack, wan, precision="accurate")
+    state = tuned.get_attachment(patch.KEY)
+    assert state.config.precision == "accurate"
+    out = sample(tuned, "wan", latent_for("wan", **LATENT), steps=1)
+    save = node(tune_nodes.SpargeAttnSaveTuned).execute(tuned, {"samples": out}, "wan_accurate", False)
+    assert "P·V accurate" in save.ui.as_dict()["text"][0]
+    with caplog.at_level(logging.WARNING, logger="root"):
+        applied = patch_node(pack, wan, "wan_accurate.safetensors").get_attachment(patch.KEY)  # P·V fast
+    assert applied.config.precision == "fast" and applied.thresholds.precision == "accurate"
+    assert "was tuned with P·V precision 'accurate' and is applied with 'fast'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="root"):
+        patch_node(pack, wan, "wan_accurate.safetensors", precision="accurate")
+    assert "was tuned with" not in caplog.text
+    schema = tune_nodes.SpargeAttnTune.define_schema()
+    assert [i.id for i in schema.inputs][-1] == "precision"  # last: saved workflows keep their widget order
 
 
 def test_a_file_tuned_for_another_model_is_refused(pack, wan, folder):

@@ -45,6 +45,22 @@ def test_round_trip(tmp_path):
     assert os.listdir(tmp_path) == ["wan21 1.3b_480p.safetensors"]  # no temporary left behind
 
 
+def test_the_pv_precision_is_recorded_and_older_files_read_as_fast(tmp_path):
+    from sparge_pack.nodes import override
+
+    assert P.PRECISIONS == tuple(override.PRECISIONS)  # the file's names are the node's
+    t = thresholds()
+    assert t.precision == "fast"
+    t.precision = "accurate"
+    back = P.load(P.save(t, str(tmp_path), "accurate"))
+    assert back.precision == "accurate" and "P·V accurate" in back.summary()
+    tensors, meta = t.to_file_content()
+    assert meta["precision"] == "accurate"
+    del meta["precision"]  # a file written before the precision was recorded: tuned with FP8 ("fast")
+    _write(tmp_path / "old.safetensors", tensors, meta)
+    assert P.load(str(tmp_path / "old.safetensors")).precision == "fast"
+
+
 def test_lambda_zero_turns_the_pv_skip_off_and_head_count_is_checked(tmp_path):
     t = thresholds()
     t.layers["double.1"]["pv_threshold"][1] = 0.0  # one head without the P·V skip -> inf for it
@@ -165,13 +181,16 @@ def _corrupt(kind, path):
         _write(path, tensors, {**meta, "heads": "two"})
     elif kind == "bad target":
         _write(path, tensors, {**meta, "l1_target": "nan"})
+    elif kind == "bad precision":
+        _write(path, tensors, {**meta, "precision": "fp8"})
     else:
         raise AssertionError(kind)
 
 
 CORRUPTIONS = ["empty", "truncated", "garbage", "huge header", "too large", "no metadata", "other format",
                "newer version", "missing tensor", "wrong shape", "wrong dtype", "tau out of range", "NaN threshold",
-               "negative lambda", "layers not JSON", "duplicate layers", "bad mode", "bad heads", "bad target"]
+               "negative lambda", "layers not JSON", "duplicate layers", "bad mode", "bad heads", "bad target",
+               "bad precision"]
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
