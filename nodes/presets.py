@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .override import PRECISIONS
+
 FORMAT = "spargeattn.thresholds"
 FORMAT_VERSION = 1
 FOLDER = "spargeattn"
 EXTENSION = ".safetensors"
 THRESHOLDS = ("cdf_threshold", "sim_threshold", "pv_threshold", "topk")
 MEASURED = ("density", "pv_skipped")
-#: The P·V precisions a file can record (the names of ``override.PRECISIONS``).
-PRECISIONS = ("fast", "accurate")
 #: Accepted range of each stored value (NaN is allowed only for the measured ones).
 RANGES = {"cdf_threshold": (0.0, 1.0), "sim_threshold": (-1.0, 1.0), "pv_threshold": (0.0, 64.0),
           "topk": (0.0, 1.0), "density": (0.0, 1.0), "pv_skipped": (0.0, 1.0)}
@@ -238,7 +238,7 @@ class TunedThresholds:
             raise ValueError(f"token_order must be 'row-major' or 'hilbert', got {token_order!r}")
         precision = meta.get("precision", "fast")
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         expected = {f"{layer}.{name}" for layer in layers for name in THRESHOLDS + MEASURED}
         if set(tensors) != expected:
             extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
