@@ -2,19 +2,24 @@
 
 Same arithmetic as :mod:`.attention` (INT8 Q.K^T, exp2-domain online softmax in fp32, P in FP8 e4m3
 scaled to [0, 448], FP8 P.V with V per-channel scaled, fp32 accumulation) in fewer instructions per
-score, which is what limits this kernel (bench/NOTES.md #19). Per K block ``it`` of the LUT::
+score, which is what limits this kernel (bench/NOTES.md #19, #37). Per K block ``it`` of the LUT::
 
     wait   P.V of block it - 1 (wgmma group);  softmax of S[it] -> m', l', P (fp8), alpha
-    acc *= alpha;  refill the slot of block it - 1 with block it - 1 + STAGES (TMA)
+    acc *= alpha (skipped by a warp whose rows all kept their maximum);  refill the slot of block
+    it - 1 with block it - 1 + STAGES (TMA)
     issue  S[it + 1] = Q8 @ K8[it + 1]^T     (async wgmma group)
     issue  acc += P @ V8[it]                 (async wgmma group: P from registers)
     wait   for S[it + 1] only
 
+* The softmax of a block whose keys are all visible (and whose scales keep |s| < 2^16) takes the row
+  max on the integer scores and computes P = exp2(s * scale - m') with one I2FP + FFMA per score; the
+  key tail and huge scales take the exact path (``_mul_rn`` first). 128-row programs: ~480 SASS
+  instructions per 64-key block and warp on the common path, 743 before (NOTES #37).
 * P goes from the Q.K^T accumulator layout to the register operand of the FP8 P.V wgmma without
   shuffles: the key index is relabelled (:func:`_as_operand`) and V is stored with its tokens in the
   same order (``quant.sm90_token_source``), so P.V is unchanged.
-* P is converted and consumed in the same iteration (as a loop-carried value it would be unpacked
-  and repacked byte by byte); S is converted with I2FP.
+* P is converted and consumed in the same iteration (as a loop-carried value, or one leaving an ``if``,
+  it would be unpacked and repacked byte by byte); S is converted with I2FP.
 * K and V tiles come through TMA into a ring of ``STAGES`` shared-memory slots, one mbarrier each.
   The LUT entries and K scales are loaded one or two iterations ahead (a warp stalls at the first
   use of a load, and one stalled warp holds the whole warpgroup at the next wgmma).
@@ -30,6 +35,7 @@ interpreter: the CPU tests compile this kernel for sm_90 and the GPU tests compa
 """
 
 from triton.experimental import gluon
+from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
@@ -62,23 +68,74 @@ def _issue_kv(it, j, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars,
 
 
 @gluon.jit
-def _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset,
-             BN: gl.constexpr, p_layout: gl.constexpr, PV16: gl.constexpr):
-    """Scores of one block -> (m', l', P as fp8 (fp16 with PV16) in the P.V operand layout, alpha)."""
-    s = s_int.to(gl.float32)  # one I2FP per score: faster here than the magic-number add (NOTES #19)
-    s = _mul_rn(s, gl.expand_dims(qs * c_k, 1))
-    if it >= n_full:  # the key tail: only the LUT's last entries carry padded keys
-        s = gl.where(gl.expand_dims(j * BN + cols, 0) < Nk, s, NEG_INF)
-    m_new = gl.maximum(m_i, gl.max(s, 1))
-    m_use = gl.where(m_new == NEG_INF, 0.0, m_new)
-    alpha = gl.exp2(m_i - m_use)
-    p = gl.exp2(s - gl.expand_dims(m_use - p_offset, 1))
-    l_i = l_i * alpha + gl.sum(p, 1)
-    if PV16:  # a 16-bit operand has the accumulator's register layout (the FA2 identity): nothing moves
-        p_op = gl.convert_layout(p.to(gl.float16), p_layout, assert_trivial=True)
+def _cvt_fma(s, c, o):
+    """float(s) * c + o with one rounding (I2FP + FFMA). In inline PTX so that the compiler cannot share the
+    conversion with the exact path of :func:`_softmax` (hoisted above the branch, both the integer and the
+    float scores would stay live: +24 registers, spills at 128 rows)."""
+    return gl.inline_asm_elementwise("{ .reg .f32 t; cvt.rn.f32.s32 t, $1; fma.rn.f32 $0, t, $2, $3; }", "=r,r,r,r",
+                                     [s, c, o], dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN: gl.constexpr, FAST: gl.constexpr, TAIL: gl.constexpr):
+    """Scores of one block -> (m', P in fp32, alpha).
+
+    ``cr`` = Q row scale * K block scale (log2 units). FAST (every key visible, |s * cr| < 2^16): the
+    row max on the integer scores (3-input integer max), and P = exp2(s * cr - (m - p_offset)) with one
+    FFMA per score. Otherwise the exact path: s * cr rounded first (``_mul_rn``), the key tail masked;
+    at fp16-max inputs the FFMA's unrounded product would miss the rounded row max by up to 2^12 and P
+    would overflow (NOTES #2, #36). Both paths give the same row max (rounding is monotonic, cr >= 0);
+    below 2^16 the FFMA's single rounding moves the exponent by < 2^-8, P by < 0.3% before its FP8
+    rounding (steps of 6-12%)."""
+    if FAST:
+        m_blk = _mul_rn(gl.max(s_int, 1).to(gl.float32), cr)
+        m_new = gl.maximum(m_i, m_blk)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(_cvt_fma(s_int, gl.expand_dims(cr, 1), gl.expand_dims(p_offset - m_new, 1)))
     else:
-        p_op = _fp8x4(_as_operand(p, p_layout))
-    return m_new, l_i, p_op, alpha
+        s = _mul_rn(s_int.to(gl.float32), gl.expand_dims(cr, 1))
+        if TAIL:
+            s = gl.where(gl.expand_dims(j * BN + cols, 0) < Nk, s, NEG_INF)
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_use = gl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - gl.expand_dims(m_use - p_offset, 1))
+    return m_new, p, alpha
+
+
+@gluon.jit
+def _p_operand(p, p_layout: gl.constexpr, PV16: gl.constexpr):
+    """P in the register operand layout of the P.V wgmma. Outside the branches of the softmax: a tensor of
+    8-bit values that leaves an ``if`` is kept as single bytes (~100 PRMT per block, NOTES #19)."""
+    if PV16:  # a 16-bit operand has the accumulator's register layout (the FA2 identity): nothing moves
+        return gl.convert_layout(p.to(gl.float16), p_layout, assert_trivial=True)
+    else:
+        return _fp8x4(_as_operand(p, p_layout))
+
+
+@constexpr_function
+def _rescale_asm(pack: int) -> str:
+    """PTX for :func:`_rescale`: ``pack`` accumulator values and their rows' alphas in, the products out
+    (tied to the inputs). The warp skips the multiplications when no alpha of the rows of its group differs
+    from 1 (``vote.any``); elements 0 and 2 of a group are the two rows a thread holds in the layout."""
+    mul = " ".join(f"mul.f32 ${i}, ${i}, ${2 * pack + i};" for i in range(pack))
+    return ("{ .reg .pred p; "
+            f"setp.neu.f32 p, ${2 * pack}, 0f3F800000; setp.neu.or.f32 p, ${2 * pack + 2}, 0f3F800000, p; "
+            "vote.sync.any.pred p, p, -1; @!p bra.uni SKIP${:uid}; " + mul + " SKIP${:uid}: }")
+
+
+@constexpr_function
+def _rescale_constraints(pack: int) -> str:
+    return ",".join(["=r"] * pack + [str(i) for i in range(pack)] + ["r"] * pack)
+
+
+@gluon.jit
+def _rescale(x, alpha_row, PACK: gl.constexpr):
+    """x * alpha (one alpha per row), the multiplications skipped by every warp whose rows all keep their
+    maximum (alpha == 1 exactly): after the first blocks of a row most blocks move no maximum, and the
+    rescale is 128 of the ~740 instructions per thread and block at 128 rows (NOTES #37)."""
+    return gl.inline_asm_elementwise(_rescale_asm(PACK), _rescale_constraints(PACK), [x, gl.expand_dims(alpha_row, 1)],
+                                     dtype=gl.float32, is_pure=True, pack=PACK)
 
 
 @gluon.jit
@@ -132,6 +189,8 @@ def _attn_kernel_sm90(
     col_l: gl.constexpr = gl.SliceLayout(0, qk_l)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+    # |s * cr| <= 127^2 * DP * cr_max < 2^16: the FFMA path is within 2^-8 of the exact one (see _softmax)
+    FAST_CR: gl.constexpr = 65536.0 / (127.0 * 127.0 * DP)
 
     _pdl_start(PDL)
     pid_m = gl.program_id(0)
@@ -172,6 +231,7 @@ def _attn_kernel_sm90(
     j_tma = gl.load(lut + STAGES, mask=STAGES < n_all, other=0)
 
     qs = gl.load(QS + bh64 * NQ_PAD + pid_m * BM + gl.arange(0, BM, layout=row_l))
+    qs_max = gl.max(qs, 0)
     cols = gl.arange(0, BN, layout=col_l)
     zero_s = gl.zeros([BM, BN], gl.int32, qk_l)
     m_i = gl.full([BM], NEG_INF, gl.float32, row_l)
@@ -195,9 +255,14 @@ def _attn_kernel_sm90(
             # The P.V of block it - 1 reads its P operand from registers until it completes: it must be done
             # before the softmax writes new P registers (overlapping them gave NaN: bench/NOTES.md #19).
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
-            m_i, l_i, p_op, alpha = _softmax(s_int, qs, c_k, m_i, l_i, it, n_full, j, cols, Nk, p_offset, BN, p_l,
-                                             PV16)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+            cr = qs * c_k
+            if (it < n_full) & (c_k * qs_max <= FAST_CR):
+                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, True, False)
+            else:
+                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, False, True)
+            p_op = _p_operand(p, p_l, PV16)
+            acc = _rescale(acc, gl.convert_layout(alpha, orow_l), DP // 2)
+            l_i = l_i * alpha + gl.sum(p, 1)
             if it > 0:
                 gl.thread_barrier()  # every warp is done with block it - 1's slot before TMA refills it
                 _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES,
