@@ -54,7 +54,7 @@ def main(argv=None):
     if a.time:
         t = bench_ms(fn)
         flops = 4.0 * g.b * g.h * g.nq * g.nk * g.d * a.topk
-        print(f"{a.shape} {tuple(q.shape)} topk={a.topk} pv={a.pv} bm={A._sm90_config(g.dp, g.b * g.h * g.nqb)['block_m']}: "
+        print(f"{a.shape} {tuple(q.shape)} topk={a.topk} pv={a.pv} bm={A._sm90_config(g.dp, g.b * g.h * g.nqb, a.pv == 'fp16')['block_m']}: "
               f"attention {t:.3f} ms, {flops / t / 1e9:.0f} TOPS-eq", flush=True)
     return 0
 

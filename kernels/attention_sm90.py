@@ -77,7 +77,7 @@ def _cvt_fma(s, c, o):
 
 
 @gluon.jit
-def _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN: gl.constexpr, FAST: gl.constexpr, TAIL: gl.constexpr):
+def _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN: gl.constexpr, FAST: gl.constexpr):
     """Scores of one block -> (m', P in fp32, alpha).
 
     ``cr`` = Q row scale * K block scale (log2 units). FAST (every key visible, |s * cr| < 2^16): the
@@ -94,8 +94,7 @@ def _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN: gl.constexpr, FAST: gl.c
         p = gl.exp2(_cvt_fma(s_int, gl.expand_dims(cr, 1), gl.expand_dims(p_offset - m_new, 1)))
     else:
         s = _mul_rn(s_int.to(gl.float32), gl.expand_dims(cr, 1))
-        if TAIL:
-            s = gl.where(gl.expand_dims(j * BN + cols, 0) < Nk, s, NEG_INF)
+        s = gl.where(gl.expand_dims(j * BN + cols, 0) < Nk, s, NEG_INF)
         m_new = gl.maximum(m_i, gl.max(s, 1))
         m_use = gl.where(m_new == NEG_INF, 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
@@ -257,9 +256,9 @@ def _attn_kernel_sm90(
             acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             cr = qs * c_k
             if (it < n_full) & (c_k * qs_max <= FAST_CR):
-                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, True, False)
+                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, True)
             else:
-                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, False, True)
+                m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, False)
             p_op = _p_operand(p, p_l, PV16)
             acc = _rescale(acc, gl.convert_layout(alpha, orow_l), DP // 2)
             l_i = l_i * alpha + gl.sum(p, 1)
