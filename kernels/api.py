@@ -10,7 +10,8 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 4. ``_v_fix_kernel``     requantizes the heads whose V overflowed its sampled scale (others exit at once)
 5. ``_scores_kernel``    pooled map pool_q @ pool_k^T * scale in fp32
 6. ``_select_kernel``    TopCdf / TopK per row -> sorted LUT of kept K blocks + counts
-7. ``_attn_kernel``      the attention over the LUT (``_attn_kernel_sm90``, the Gluon kernel of
+                         (5-6 are skipped when top-k 1 keeps every block: ``_keeps_all``)
+7. ``_attn_kernel``      the attention over the LUT (or over every K block in order) (``_attn_kernel_sm90``, the Gluon kernel of
                          ``attention_sm90.py``, on sm_90 GPUs without causal mask or P.V skip)
 8. ``_stats_kernel``     with ``return_stats=True``: per-head density and P.V skip fraction
 
@@ -364,6 +365,14 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
     return lut, cnt, cnt_full, (mask_out if write_mask else None)
 
 
+def _keeps_all(mode: str, topk, causal: bool) -> bool:
+    """Whether the selection would keep every K block of every Q block: top-k mode with a plain number 1
+    and no causal mask. Such calls skip launches 5-6 (the pooled scores and the selection), and the
+    attention kernels walk blocks 0..NKB-1 in order, which is the LUT the selection would have written
+    (sorted; the key tail block last), so the output is the same to the bit."""
+    return mode == "topk" and not causal and type(topk) in (float, int) and topk == 1
+
+
 def _padded_dim(d: int) -> int:
     return max(64, _p2(d))
 
@@ -452,7 +461,7 @@ def _nvmma_layouts(bm: int, dp: int, pv16: bool):
     return get([bm, dp], _gl.int8), get([BLOCK_K, dp], _gl.int8), lv
 
 
-def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom):
+def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom, dense: bool = False):
     pv16 = buf["v8"].dtype == torch.float16
     cfg = _sm90_config(g.dp, g.b * g.h * g.nqb, pv16)
     bm = cfg["block_m"]
@@ -467,7 +476,7 @@ def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom):
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CLAMP=out.dtype == torch.float16, STAGES=cfg["num_stages"],
-        NW=cfg["num_warps"], num_warps=cfg["num_warps"], PV16=pv16, **g.chained(),
+        NW=cfg["num_warps"], num_warps=cfg["num_warps"], PV16=pv16, DENSE=dense, **g.chained(),
     )
     return out, None, BLOCK_Q // bm
 
@@ -486,8 +495,11 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
     sm90 = _use_sm90(q.device, g.dp, pv_dtype, causal, pv_threshold is not None)
     if pv_dtype == "fp8" and sm90 != (buf.get("v_order") == "sm90"):  # fp16 V is the same for both kernels
         raise RuntimeError("internal: V was prepared for the other attention kernel (pass sm90= to _prep_qk)")
+    dense = lut is None  # every K block kept (``_keeps_all``): no LUT, the kernels walk 0..NKB-1
+    if dense:
+        lut = cnt = cnt_full = buf["ks"]  # stand-ins, never read
     if sm90:
-        return _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g)
+        return _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g, dense)
     cfg = _attention_config(g.dp, g.b * g.h * g.nqb)
     bm = cfg["block_m"]
     sub = BLOCK_Q // bm
@@ -501,7 +513,7 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
         pv_t if pv_t is not None else cnt, pv_val, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CAUSAL=causal, PV_SKIP=pv_skip, PV_PER_HEAD=pv_t is not None,
         FP8=pv_dtype == "fp8",
-        INTERPRET=_interpreting(), PAIR=cfg["pair"], CLAMP=out.dtype == torch.float16,
+        INTERPRET=_interpreting(), PAIR=cfg["pair"], CLAMP=out.dtype == torch.float16, DENSE=dense,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **g.chained(),
     )
     return out, (skip if pv_skip else None), sub
@@ -511,16 +523,20 @@ def _attend(buf, lut, cnt, cnt_full, q, g: _Geom, causal: bool, pv_threshold: Op
 STAT_KEYS = ("density", "pv_skipped", "blocks_computed", "blocks_total")
 
 
-def _stats(g: _Geom, cnt, skip, sub: int, causal: bool, st: Optional[torch.Tensor] = None) -> dict:
+def _stats(g: _Geom, cnt, skip, sub: int, causal: bool, st: Optional[torch.Tensor] = None, device=None) -> dict:
     """Per-head statistics as device tensors (no host sync), computed by one launch into ``st``
-    (4 x H float32, allocated here when not given); returns views of its rows by ``STAT_KEYS``."""
+    (4 x H float32 on ``device``, allocated here when not given); returns views of its rows by ``STAT_KEYS``.
+    ``cnt`` None: every block was computed."""
     if st is None:
-        st = torch.empty(4, g.h, device=cnt.device, dtype=torch.float32)
+        st = torch.empty(4, g.h, device=cnt.device if device is None else device, dtype=torch.float32)
     total = float(g.b * g.visible_blocks(causal))
     nprog = g.nqb * sub
+    dense = cnt is None  # every block computed (``_keeps_all``)
+    if dense:
+        cnt = st  # a stand-in, never read
     _Fast.get(_stats_kernel)[(g.h,)](
         cnt, skip if skip is not None else cnt, st, g.b, g.h, g.nqb, nprog, total, float(sub),
-        HAS_SKIP=skip is not None, BLK=min(1024, max(16, _p2(max(g.nqb, nprog)))), num_warps=4, **g.chained(),
+        HAS_SKIP=skip is not None, DENSE=dense, BLK=min(1024, max(16, _p2(max(g.nqb, nprog)))), num_warps=4, **g.chained(),
     )
     return dict(zip(STAT_KEYS, st.unbind(0)))
 
@@ -716,10 +732,16 @@ def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_s
     pv = _resolve_pv(pv_dtype, q.device)
     with _launch_guard(q.device):
         buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
-        lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
+        if _keeps_all(mode, topk, causal):  # nothing to select: the kernels walk every K block
+            _threshold(cdf_threshold, "cdf_threshold", g, q.device, 0.0, 1.0)  # still checked, as _select does
+            _threshold(sim_threshold, "sim_threshold", g, q.device, -math.inf, math.inf)
+            lut = cnt = cnt_full = None
+        else:
+            lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk,
+                                            keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:
-            return out, _stats(g, cnt, skip, sub, causal, st)
+            return out, _stats(g, cnt, skip, sub, causal, st, q.device)
     return out
 
 

@@ -129,6 +129,15 @@ def _pair(
 
 
 @triton.jit
+def _entry(lut, it, DENSE: tl.constexpr):
+    """The LUT's entry ``it``; with DENSE (every block kept, no LUT) block ``it`` itself."""
+    if DENSE:
+        return it
+    else:
+        return tl.load(lut + it)
+
+
+@triton.jit
 def _attn_kernel(
     Q8, QS, K8, KS, V8, VS, LUT, CNT, CNT_FULL, SKIP,
     O, osb, osh, osn, osd,
@@ -136,6 +145,7 @@ def _attn_kernel(
     BQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr,
     CAUSAL: tl.constexpr, PV_SKIP: tl.constexpr, PV_PER_HEAD: tl.constexpr, FP8: tl.constexpr,
     INTERPRET: tl.constexpr, PAIR: tl.constexpr, CLAMP: tl.constexpr, PDL: tl.constexpr = False,
+    DENSE: tl.constexpr = False,
 ):
     pdl_start(PDL)
     pid_m = tl.program_id(0)
@@ -155,8 +165,12 @@ def _attn_kernel(
     q = tl.load(Q8 + (bh64 * NQ_PAD + offs_m[:, None]) * DP + offs_d[None, :])
     qs = tl.load(QS + bh64 * NQ_PAD + offs_m)
     row = bh64 * NQB + i
-    n_all = tl.load(CNT + row)
-    n_full = tl.load(CNT_FULL + row)
+    if DENSE:  # every K block in order (LUT, CNT and CNT_FULL are not read): only the last has a key tail
+        n_all = NKB
+        n_full = Nk // BN
+    else:
+        n_all = tl.load(CNT + row)
+        n_full = tl.load(CNT_FULL + row)
     lut = LUT + row * NKB
     k_base = K8 + bhk * NK_PAD * DP
     ks_base = KS + bhk * NKB
@@ -169,20 +183,20 @@ def _attn_kernel(
     first = 0
     if PAIR and not PV_SKIP:  # stage 2 decides per block, so it walks single blocks
         for it in range(0, n_full // 2):
-            j0 = tl.load(lut + 2 * it)
-            j1 = tl.load(lut + 2 * it + 1)
+            j0 = _entry(lut, 2 * it, DENSE)
+            j1 = _entry(lut, 2 * it + 1, DENSE)
             acc, l_i, m_i = _pair(acc, l_i, m_i, q, qs, j0, j1, offs_n, offs_d, k_base, ks_base, v_base,
                                   NK_PAD, p_offset, BN, DP, FP8, INTERPRET)
         first = n_full - n_full % 2
     for it in range(first, n_full):
-        j = tl.load(lut + it)
+        j = _entry(lut, it, DENSE)
         acc, l_i, m_i, n_skip = _block(
             acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
             k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,
             BN, DP, False, CAUSAL, PV_SKIP, FP8, INTERPRET,
         )
     for it in range(n_full, n_all):
-        j = tl.load(lut + it)
+        j = _entry(lut, it, DENSE)
         acc, l_i, m_i, n_skip = _block(
             acc, l_i, m_i, n_skip, q, qs, j, offs_m, offs_n, offs_d, row_valid,
             k_base, ks_base, v_base, Nk, NK_PAD, pv_thr, p_offset,

@@ -68,6 +68,15 @@ def _issue_kv(it, j, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars,
 
 
 @gluon.jit
+def _entry(lut, it, n_all, DENSE: gl.constexpr):
+    """The LUT's entry ``it`` (0 past its end); with DENSE (every block kept, no LUT) block ``it`` itself."""
+    if DENSE:
+        return gl.where(it < n_all, it, 0)
+    else:
+        return gl.load(lut + it, mask=it < n_all, other=0)
+
+
+@gluon.jit
 def _cvt_fma(s, c, o):
     """float(s) * c + o with one rounding (I2FP + FFMA). In inline PTX so that the compiler cannot share the
     conversion with the exact path of :func:`_softmax` (hoisted above the branch, both the integer and the
@@ -178,7 +187,7 @@ def _attn_kernel_sm90(
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, p_offset,
     BQ: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, DP: gl.constexpr,
     CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr = False,
-    PV16: gl.constexpr = False,
+    PV16: gl.constexpr = False, DENSE: gl.constexpr = False,
 ):
     qk_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     PV_K: gl.constexpr = 16 if PV16 else 32  # the k of one P.V wgmma: 32 bytes of P per row either way
@@ -201,8 +210,12 @@ def _attn_kernel_sm90(
     bhk = b * (H // G) + h // G
     bh64 = bh.to(gl.int64)
     row = bh64 * NQB + i
-    n_all = gl.load(CNT + row)
-    n_full = gl.load(CNT_FULL + row)
+    if DENSE:  # every K block in order (LUT, CNT and CNT_FULL are not read): only the last has a key tail
+        n_all = NKB + pid_m * 0  # a tensor even where Triton made NKB a constant (1)
+        n_full = Nk // BN + pid_m * 0
+    else:
+        n_all = gl.load(CNT + row)
+        n_full = gl.load(CNT_FULL + row)
     lut = LUT + row * NKB
     ks_base = KS + bhk.to(gl.int64) * NKB
     krow0 = bhk * NK_PAD
@@ -223,11 +236,11 @@ def _attn_kernel_sm90(
     mbarrier.expect(qbar, BM * DP)
     tma.async_copy_global_to_shared(q_desc, [bh * NQ_PAD + pid_m * BM, 0], qbar, q_s)
     for s in gl.static_range(STAGES):
-        _issue_kv(s, gl.load(lut + s, mask=s < n_all, other=0), n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s,
+        _issue_kv(s, _entry(lut, s, n_all, DENSE), n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s,
                   bars, BN, DP, STAGES, PV16)
     # LUT entries are read an iteration before they are needed: j_tma for the next refill, j_nxt / c_nxt
     # (and j_nxt2) for the softmax
-    j_tma = gl.load(lut + STAGES, mask=STAGES < n_all, other=0)
+    j_tma = _entry(lut, STAGES, n_all, DENSE)
 
     qs = gl.load(QS + bh64 * NQ_PAD + pid_m * BM + gl.arange(0, BM, layout=row_l))
     qs_max = gl.max(qs, 0)
@@ -243,11 +256,11 @@ def _attn_kernel_sm90(
         s_tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_int = warpgroup_mma_wait(0, deps=(s_tok,))
         acc_tok = warpgroup_mma_init(acc)
-        j = gl.load(lut)
+        j = _entry(lut, 0, n_all, DENSE)
         c_k = gl.load(ks_base + j)
-        j_nxt = gl.load(lut + 1, mask=n_all > 1, other=0)
+        j_nxt = _entry(lut, 1, n_all, DENSE)
         c_nxt = gl.load(ks_base + j_nxt)
-        j_nxt2 = gl.load(lut + 2, mask=n_all > 2, other=0)
+        j_nxt2 = _entry(lut, 2, n_all, DENSE)
         for it in range(0, n_all):
             slot = it % STAGES
             nxt = (it + 1) % STAGES
@@ -266,7 +279,7 @@ def _attn_kernel_sm90(
                 gl.thread_barrier()  # every warp is done with block it - 1's slot before TMA refills it
                 _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES,
                           PV16)
-                j_tma = gl.load(lut + it + STAGES, mask=it + STAGES < n_all, other=0)
+                j_tma = _entry(lut, it + STAGES, n_all, DENSE)
             # Q.K^T of block it + 1 (past the last block: stale data, result unused), then P.V of block it
             mbarrier.wait(bars.index(nxt), ((it + 1) // STAGES) & 1, pred=it + 1 < n_all)
             s_tok = warpgroup_mma(q_s, k_s.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -280,7 +293,7 @@ def _attn_kernel_sm90(
             c_k = c_nxt
             c_nxt = gl.load(ks_base + j_nxt2)
             j_nxt = j_nxt2
-            j_nxt2 = gl.load(lut + it + 3, mask=it + 3 < n_all, other=0)
+            j_nxt2 = _entry(lut, it + 3, n_all, DENSE)
         acc = warpgroup_mma_wait(0, deps=(acc_tok,))
 
     mbarrier.invalidate(qbar)

@@ -162,11 +162,12 @@ def _select_kernel(
 
 @triton.jit
 def _stats_kernel(CNT, SKIP, OUT, B, H, NQB, NPROG, total, sub, HAS_SKIP: tl.constexpr, BLK: tl.constexpr,
-                  PDL: tl.constexpr = False):
+                  PDL: tl.constexpr = False, DENSE: tl.constexpr = False):
     """Per query head ``h`` (one program each), from the LUT lengths ``CNT`` (B*H rows of NQB) and the
     per-program P.V skip counts ``SKIP`` (B*H rows of NPROG): OUT[0, h] density = computed / total,
     OUT[1, h] fraction of computed blocks whose P.V was skipped, OUT[2, h] blocks computed, OUT[3, h]
-    blocks total (``total``: visible blocks of one head over the batch)."""
+    blocks total (``total``: visible blocks of one head over the batch). DENSE: every block was computed
+    (no LUT; ``CNT`` is not read)."""
     pdl_start(PDL)
     h = tl.program_id(0)
     offs = tl.arange(0, BLK)
@@ -174,12 +175,16 @@ def _stats_kernel(CNT, SKIP, OUT, B, H, NQB, NPROG, total, sub, HAS_SKIP: tl.con
     skipped = tl.zeros([BLK], tl.int32)
     for b in range(B):
         row = (b * H + h).to(tl.int64)
-        for start in range(0, NQB, BLK):
-            acc += tl.load(CNT + row * NQB + start + offs, mask=start + offs < NQB, other=0)
+        if not DENSE:
+            for start in range(0, NQB, BLK):
+                acc += tl.load(CNT + row * NQB + start + offs, mask=start + offs < NQB, other=0)
         if HAS_SKIP:
             for start in range(0, NPROG, BLK):
                 skipped += tl.load(SKIP + row * NPROG + start + offs, mask=start + offs < NPROG, other=0)
-    computed = tl.sum(acc, 0).to(tl.float32)
+    if DENSE:
+        computed = total + tl.sum(acc, 0).to(tl.float32)  # acc stays 0
+    else:
+        computed = tl.sum(acc, 0).to(tl.float32)
     tl.store(OUT + h, tl.math.div_rn(computed, total))
     if HAS_SKIP:
         frac = tl.math.div_rn(tl.math.div_rn(tl.sum(skipped, 0).to(tl.float32), sub), tl.maximum(computed, 1.0))

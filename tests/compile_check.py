@@ -32,7 +32,7 @@ _DTYPES = {
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv",
 }
 KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_v_fix_kernel", "_scores_kernel", "_select_kernel",
-           "_attn_kernel", "_attn_kernel_sm90"]
+           "_attn_kernel", "_attn_kernel_sm90", "_stats_kernel"]
 _GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv", torch.float16: "fp16"}
 
 
@@ -128,12 +128,16 @@ def drive(arch: int, full: bool):
                             A.sparge_attn(q, q, q, mode=mode, causal=causal, pv_threshold=thr, pv_dtype=pv,
                                           topk=torch.full((2,), 0.5) if causal else 0.5)
                     A.block_sparse_attn(q, q, q, torch.ones(1, 2, 3, 5, dtype=torch.bool), causal=causal, pv_dtype=pv)
+                # every block kept: no selection, the kernels walk all blocks without a LUT (DENSE)
+                for thr in (None, 8.0):
+                    A.sparge_attn(q, q, q, mode="topk", topk=1.0, pv_threshold=thr, pv_dtype=pv, return_stats=True)
             A.predict_block_mask(q, q, mode="topk")
     if fp8:  # 128-row programs (the Hopper kernel's choice at Wan / HunyuanVideo grids)
         A.ATTN_CONFIG_OVERRIDE["block_m"] = 128
         try:
             q = torch.randn(1, 2, 300, 128).to(torch.bfloat16)
             A.sparge_attn(q, q, q, mode="topk", topk=0.5, pv_dtype="fp8")
+            A.sparge_attn(q, q, q, mode="topk", topk=1.0, pv_dtype="fp8")
         finally:
             A.ATTN_CONFIG_OVERRIDE.clear()
     h = torch.randn(1, 2, 300, 128).half()  # fp16 output: the saturating store

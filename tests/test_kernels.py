@@ -210,6 +210,53 @@ def test_sparse_matches_reference(pv, mode, causal):
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
 
 
+@pytest.mark.parametrize("pv", PV_PATHS)
+@pytest.mark.parametrize("kernel,n,thr", [("auto", 1000, None), ("tl", 300, 4.0), ("auto", 64, None), ("tl", 17, None)])
+def test_keep_all_skips_selection(pv, kernel, n, thr, monkeypatch):
+    """Top-k 1 without causal mask launches no selection (the kernels walk every K block without a LUT)
+    and gives, to the bit, the output of the same call with an all-true block mask (the LUT path), with
+    density 1 and the same P.V skip count. On an sm_90 GPU "auto" runs the Hopper kernel."""
+    from sparge_pack.kernels import api as A
+
+    seed = _seed()
+    gen = _gen(seed)
+    if ON_GPU:
+        n *= 9
+    q, k, v = _local(1, 2, n, 128, gen, dtype=torch.bfloat16)
+    q, k = q * 1.5, k * 1.5  # some P.V skips with thr
+    nqb, nkb = -(-n // BLOCK_Q), -(-n // BLOCK_K)
+    with _attn_config(kernel=kernel):
+        base = _nan_like(q)
+        _, want = block_sparse_attn(q, k, v, torch.ones(1, 1, nqb, nkb, dtype=torch.bool), pv_dtype=pv,
+                                    pv_threshold=thr, return_stats=True, out=base)
+
+        def no_select(*args, **kwargs):
+            raise AssertionError("the selection ran for a call that keeps every block")
+
+        monkeypatch.setattr(A, "_select", no_select)
+        out = _nan_like(q)
+        _, stats = sparge_attn(q, k, v, mode="topk", topk=1.0, pv_dtype=pv, pv_threshold=thr, return_stats=True,
+                               out=out)
+    tag = f"seed={seed} pv={pv} kernel={kernel} n={n} thr={thr}"
+    assert bool(torch.isfinite(out).all()), tag
+    assert torch.equal(out, base), f"relL1 {_rel(out, base):.2e} {tag}"
+    for key in ("density", "pv_skipped", "blocks_computed", "blocks_total"):
+        assert torch.equal(stats[key], want[key]), f"{key}: {stats[key]} vs {want[key]} {tag}"
+    assert torch.equal(stats["density"], torch.ones_like(stats["density"])), tag
+    if thr is not None and n >= 1000:
+        assert float(stats["pv_skipped"].max()) > 0, f"no P.V skip: the skip count is not compared ({tag})"
+    # causal calls, per-head top-k and top-k < 1 still select
+    with pytest.raises(AssertionError, match="the selection ran"):
+        sparge_attn(q, k, v, mode="topk", topk=1.0, causal=True, pv_dtype=pv)
+    with pytest.raises(AssertionError, match="the selection ran"):
+        sparge_attn(q, k, v, mode="topk", topk=torch.ones(2, device=DEV), pv_dtype=pv)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="topk must lie in"):  # still checked where nothing is selected
+        sparge_attn(q, k, v, mode="topk", topk=1.5, pv_dtype=pv)
+    with pytest.raises(ValueError, match="sim_threshold has 3 values"):
+        sparge_attn(q, k, v, mode="topk", topk=1.0, sim_threshold=torch.zeros(3), pv_dtype=pv)
+
+
 @pytest.mark.parametrize("block_m,pair", [(64, False), (64, True), (128, False), (128, True)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_walk_configs(block_m, pair, causal):
