@@ -58,7 +58,7 @@ class Compiler:
         values.update(kwargs)
         sig, const, attrs = {}, {}, {}
         for i, name in enumerate(names):
-            val = values[name]
+            val = values[name] if name in values else kernel.params[i].default  # a constexpr left at its default
             if kernel.params[i].is_constexpr:
                 sig[name] = "constexpr"
                 const[name] = val

@@ -424,6 +424,13 @@ def test_sampled_statistics_and_v_overflow(pv):
     assert bool(torch.isfinite(out).all()), f"seed={seed}"
     assert _rel(out, emu) <= EMU_TOL[torch.float32], f"vs emulation {_rel(out, emu):.2e}, seed={seed}"
     assert _rel(out, R.dense_attention(q, k, v)) <= BOUND[pv], f"seed={seed}"
+    # sparge_attn with a selection (top-k 0.5) and without one (top-k 1): the same fixed V as block_sparse_attn
+    kw = dict(mode="topk", sim_threshold=-1.0, pv_dtype=pv)
+    assert torch.equal(sparge_attn(q, k, v, topk=1.0, **kw), out), f"top-k 1, seed={seed}"
+    part = predict_block_mask(q, k, mode="topk", topk=0.5, sim_threshold=-1.0)
+    want = block_sparse_attn(q, k, v, part, pv_dtype=pv)
+    assert bool(torch.isfinite(want).all()), f"seed={seed}"
+    assert torch.equal(sparge_attn(q, k, v, topk=0.5, **kw), want), f"top-k 0.5, seed={seed}"
 
     v[0, 0, t, (c + 1) % d] = float("nan")
     out = _nan_like(q)
@@ -431,6 +438,8 @@ def test_sampled_statistics_and_v_overflow(pv):
     rule = torch.zeros_like(out, dtype=torch.bool)
     rule[0, 0, :, (c + 1) % d] = True
     assert torch.equal(~torch.isfinite(out), rule), f"NaN at a skipped token, seed={seed}"
+    out = sparge_attn(q, k, v, topk=0.5, **kw)
+    assert torch.equal(~torch.isfinite(out), rule), f"NaN at a skipped token, top-k 0.5, seed={seed}"
 
 
 # ------------------------------------------------------------------------------------ randomized sweep
