@@ -131,6 +131,8 @@ def drive(arch: int, full: bool):
                 # every block kept: no selection, the kernels walk all blocks without a LUT (DENSE)
                 for thr in (None, 8.0):
                     A.sparge_attn(q, q, q, mode="topk", topk=1.0, pv_threshold=thr, pv_dtype=pv, return_stats=True)
+                    one = q[:, :, :1]  # one key token: NKB == Nk == 1, which Triton turns into constants
+                    A.sparge_attn(q, one, one, mode="topk", topk=1.0, pv_threshold=thr, pv_dtype=pv)
             A.predict_block_mask(q, q, mode="topk")
     if fp8:  # 128-row programs (the Hopper kernel's choice at Wan / HunyuanVideo grids)
         A.ATTN_CONFIG_OVERRIDE["block_m"] = 128
