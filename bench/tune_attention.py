@@ -52,12 +52,12 @@ def main():
             # V's token order differs between the kernels: one preparation each
             bufs = {kn: A._prep_qk(q, k, v, g, scale, pv, sm90=kn == "sm90") for kn in {c[0] for c in grid}}
             for topk in [float(x) for x in args.topk.split(",")]:
-                sel = A._select(next(iter(bufs.values())), g, scale, False, "topk", 0.98, -1.0, topk, None)
+                sel = A._blocks(next(iter(bufs.values())), g, scale, False, "topk", 0.98, -1.0, topk, None)
                 for kernel, bm, warps, stages, pair in grid:
                     A.ATTN_CONFIG_OVERRIDE.clear()
                     A.ATTN_CONFIG_OVERRIDE.update(block_m=bm, num_warps=warps, num_stages=stages, pair=pair, kernel=kernel)
                     try:
-                        fn = lambda b=bufs[kernel], q=q: A._attend(b, *sel[:3], q, g, False, None, pv)  # noqa: E731
+                        fn = lambda b=bufs[kernel], q=q: A._attend(b, *sel, q, g, False, None, pv)  # noqa: E731
                         t = bench_ms(fn, budget_ms=400)
                         rel = ref_rel_l1(fn()[0], q, k, v) if topk == 1.0 else float("nan")
                         print(f"{name:10s} {pv:4s} {kernel:4s} topk={topk:<4} bm={bm} warps={warps} stages={stages} pair={int(pair)}  "

@@ -373,6 +373,17 @@ def _keeps_all(mode: str, topk, causal: bool) -> bool:
     return mode == "topk" and not causal and type(topk) in (float, int) and topk == 1
 
 
+def _blocks(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold, sim_threshold, topk, keep_ranges):
+    """The K blocks a ``sparge_attn`` call computes, as ``_attend`` takes them: (lut, cnt, cnt_full) from
+    launches 5-6, or (None, None, None) without a launch when top-k 1 keeps every block (``_keeps_all``;
+    the thresholds are still checked, as ``_select`` checks them)."""
+    if _keeps_all(mode, topk, causal):
+        _threshold(cdf_threshold, "cdf_threshold", g, buf["q8"].device, 0.0, 1.0)
+        _threshold(sim_threshold, "sim_threshold", g, buf["q8"].device, -math.inf, math.inf)
+        return None, None, None
+    return _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)[:3]
+
+
 def _padded_dim(d: int) -> int:
     return max(64, _p2(d))
 
@@ -732,13 +743,7 @@ def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_s
     pv = _resolve_pv(pv_dtype, q.device)
     with _launch_guard(q.device):
         buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
-        if _keeps_all(mode, topk, causal):  # nothing to select: the kernels walk every K block
-            _threshold(cdf_threshold, "cdf_threshold", g, q.device, 0.0, 1.0)  # still checked, as _select does
-            _threshold(sim_threshold, "sim_threshold", g, q.device, -math.inf, math.inf)
-            lut = cnt = cnt_full = None
-        else:
-            lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk,
-                                            keep_ranges)
+        lut, cnt, cnt_full = _blocks(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:
             return out, _stats(g, cnt, skip, sub, causal, st, q.device)
