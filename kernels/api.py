@@ -376,10 +376,11 @@ def _keeps_all(mode: str, topk, causal: bool) -> bool:
 def _blocks(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold, sim_threshold, topk, keep_ranges):
     """The K blocks a ``sparge_attn`` call computes, as ``_attend`` takes them: (lut, cnt, cnt_full) from
     launches 5-6, or (None, None, None) without a launch when top-k 1 keeps every block (``_keeps_all``;
-    the thresholds are still checked, as ``_select`` checks them)."""
+    the thresholds and keep_ranges are still checked, as ``_select`` checks them)."""
     if _keeps_all(mode, topk, causal):
         _threshold(cdf_threshold, "cdf_threshold", g, buf["q8"].device, 0.0, 1.0)
         _threshold(sim_threshold, "sim_threshold", g, buf["q8"].device, -math.inf, math.inf)
+        _ranges(keep_ranges)
         return None, None, None
     return _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)[:3]
 

@@ -255,6 +255,8 @@ def test_keep_all_skips_selection(pv, kernel, n, thr, monkeypatch):
         sparge_attn(q, k, v, mode="topk", topk=1.5, pv_dtype=pv)
     with pytest.raises(ValueError, match="sim_threshold has 3 values"):
         sparge_attn(q, k, v, mode="topk", topk=1.0, sim_threshold=torch.zeros(3), pv_dtype=pv)
+    with pytest.raises(ValueError, match="keep_ranges must be non-negative"):
+        sparge_attn(q, k, v, mode="topk", topk=1.0, keep_ranges=[(-1, 5)], pv_dtype=pv)
 
 
 @pytest.mark.parametrize("block_m,pair", [(64, False), (64, True), (128, False), (128, True)])
