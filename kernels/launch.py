@@ -16,6 +16,10 @@ Two layers remove that:
   neither an input nor a recorded buffer means no plan for that key (such calls keep the normal
   path), so a plan never replays a stale tensor.
 
+A replay whose inputs and workspace sit at the addresses of the replay before reuses that replay's
+argument lists; with :data:`Plan.direct` they are also kept in the form Triton's C launch function takes
+(TMA descriptors encoded once, no per-launch Python wrapper), see :func:`_direct_launcher`.
+
 In the Triton interpreter (the CPU tests) plans replay with tensor views of the workspace instead
 of raw pointers, so the CPU tests exercise the same templates.
 """
@@ -217,8 +221,36 @@ class _Ptr:
         return self.p
 
 
+def _direct_launcher(run):
+    """(C launch function, (coop, pdl), {argument index: tensordesc metadata}, descriptor encoder) behind the
+    launcher ``run`` of a
+    Triton 3.6 CUDA kernel (``CudaLauncher``), or None when it is not laid out as expected or needs scratch
+    memory. ``CudaLauncher.__call__`` allocates the scratch buffers (none for our kernels) and, for a kernel
+    with TMA descriptor arguments, a Python wrapper encodes every descriptor (``cuTensorMapEncodeTiled``) on
+    every launch before calling the C function; a replay at unchanged addresses can encode them once."""
+    try:
+        if run.global_scratch_size or run.profile_scratch_size or getattr(run, "num_ctas", 1) != 1:
+            return None
+        fn = run.launch
+        flags = (int(run.launch_cooperative_grid), int(run.launch_pdl))
+        if type(fn).__name__ == "builtin_function_or_method":  # no descriptor arguments: the C function itself
+            return fn, flags, {}, None
+        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        if set(cells) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+            return None
+        meta = dict(zip(sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]))
+        if any(m is None for m in meta.values()):  # descriptors lowered to pointers: left to Triton's wrapper
+            return None
+        from triton.backends.nvidia.driver import make_tensordesc_arg  # what the wrapper calls per launch
+
+        return cells["launcher"], flags, meta, make_tensordesc_arg
+    except (AttributeError, TypeError, ValueError, ImportError):
+        return None
+
+
 class _Replay:
-    __slots__ = ("fn", "grid", "g", "args", "meta", "run", "function", "packed", "ptr_args", "descs", "views")
+    __slots__ = ("fn", "grid", "g", "args", "meta", "run", "function", "packed", "ptr_args", "descs", "views",
+                 "direct")
 
     def __init__(self, fn, grid, args, meta, kernel, ptr_args, descs, views):
         self.fn, self.grid, self.args, self.meta = fn, grid, args, meta
@@ -227,6 +259,19 @@ class _Replay:
         self.function = getattr(kernel, "function", None)
         self.packed = getattr(kernel, "packed_metadata", None)
         self.ptr_args, self.descs, self.views = ptr_args, descs, views
+        self.direct = _direct_launcher(self.run) if self.run is not None else None
+
+    def c_args(self, a: list) -> tuple:
+        """The argument tuple of the C launch function for the kernel arguments ``a``, after the stream
+        (filled in per launch), with the TMA descriptors encoded."""
+        _, (coop, pdl), meta, encode = self.direct
+        out = []
+        for i, x in enumerate(a):
+            if i in meta:
+                out.extend(encode(x, meta[i]))
+            else:
+                out.append(x)
+        return (self.function, coop, pdl, None, None, self.packed, None, None, None, *out)
 
 
 class Plan:
@@ -234,6 +279,8 @@ class Plan:
     ``Plan.enabled = False`` keeps every call on the normal path (for A/B measurements)."""
 
     enabled = True
+    #: launch through the C function with the argument tuples kept between replays (``_direct_launcher``)
+    direct = True
     replays = 0  # calls served by a replay in this process (a diagnostic for benchmarks and tests)
 
     def __init__(self, size: int, launches: list):
@@ -255,15 +302,21 @@ class Plan:
         ptrs = [t.data_ptr() if t is not None else 0 for t in inputs]
         ptrs.append(base)  # slot -1
         key = tuple(ptrs)
+        direct = Plan.direct
         last = self._last
-        if last is not None and last[0] == key:
-            arg_lists = last[1]
+        if last is not None and last[0] == key and last[1] == direct:
+            arg_lists = last[2]
         else:
             arg_lists = [self._args(r, ptrs, base) for r in self.launches]
-            self._last = (key, arg_lists)
+            if direct:  # the C launch function's tuples where the launcher allows it, else the lists
+                arg_lists = [r.c_args(a) if r.direct is not None else a for r, a in zip(self.launches, arg_lists)]
+            self._last = (key, direct, arg_lists)
         stream = torch._C._cuda_getCurrentRawStream(device.index)
         for r, a in zip(self.launches, arg_lists):
-            r.run(r.g[0], r.g[1], r.g[2], stream, r.function, r.packed, None, None, None, *a)
+            if direct and r.direct is not None:
+                r.direct[0](r.g[0], r.g[1], r.g[2], stream, *a)
+            else:
+                r.run(r.g[0], r.g[1], r.g[2], stream, r.function, r.packed, None, None, None, *a)
 
     @staticmethod
     def _args(r: "_Replay", ptrs: list, base: int) -> list:

@@ -196,11 +196,15 @@ def test_a_plan_keeps_no_buffer_of_the_recorded_call():
     assert torch.cuda.memory_allocated() == before  # the workspace and every recorded buffer were freed
 
 
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("pv", ["auto", "fp16"])
-def test_replay_reuses_arguments_only_for_the_same_addresses(pv):
+def test_replay_reuses_arguments_only_for_the_same_addresses(pv, direct, monkeypatch):
     """A replay on the addresses of the replay before reuses its argument lists (GPU); any other
     address rebuilds them. Alternating between two input sets, each call must match the normal path,
-    and an in-place change of an input must show (the arguments are addresses, not copies)."""
+    and an in-place change of an input must show (the arguments are addresses, not copies). With
+    ``Plan.direct`` (GPU) the kept lists are the C launch function's, TMA descriptors encoded once: every
+    launch of the Triton 3.6 launcher must take that path, so it is what this test checks."""
+    monkeypatch.setattr(L.Plan, "direct", direct)
     seed = _seed()
     A._PLANS.clear()
     kw = dict(mode="topk", topk=0.5, sim_threshold=-1.0, pv_dtype=pv)
@@ -209,6 +213,8 @@ def test_replay_reuses_arguments_only_for_the_same_addresses(pv):
     sparge_attn(*x, **kw)  # recorded
     plan = next(iter(A._PLANS.values()))
     assert isinstance(plan, L.Plan)
+    if ON_GPU and direct:
+        assert all(r.direct is not None for r in plan.launches), [str(r.fn) for r in plan.launches if r.direct is None]
     for i, (q, k, v) in enumerate([x, x, y, y, x]):
         if i == 4:
             v.mul_(-1.0)  # same addresses as the call before the last two, new values
