@@ -4,7 +4,12 @@
     python bench/bench_kernels.py --shapes flux,wan --out bench/results/h100.md
 
 On a GPU every row is timed in this one process (median of CUDA-event timings after warm-up, L2
-flushed between repetitions) and the ratio is SDPA-cuDNN time / time. relL1 = sum|o - r| / sum|r|
+flushed between repetitions) and the ratio is SDPA-cuDNN time / time. The rows of one shape are timed
+in ``--rounds`` interleaved rounds (cuDNN, SageAttention, each of ours, then again), and each time is
+the median over the rounds: the GPU's clock drifts over seconds with its power draw, so the same
+launch timed twice a few seconds apart can differ by 5-10% at Flux size (bench/NOTES.md #42), and a
+cuDNN time taken once, before all of ours, would carry that drift into every ratio. The ratio's
+range over the rounds (cuDNN and ours of the same round) is printed next to it. relL1 = sum|o - r| / sum|r|
 against fp32 dense attention on the first two heads. Inputs are bf16 (SageAttention gets fp16).
 "grid" inputs have local, diffusion-like attention (Q/K from each token's position on the model's
 latent grid, heads of different reach); "gauss" inputs are standard normal (nothing to prune).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import statistics
 import sys
@@ -161,27 +167,57 @@ def host_us(fn, reps: int = 50) -> float:
     return t
 
 
-def overhead(q, k, v, kw: dict):
-    """(kernel launches per call, host microseconds per call, eager ms, CUDA-graph replay ms).
+def interleaved(fns: dict, rounds: int, budget_ms: float = 800.0) -> dict:
+    """Per name of ``fns``: its ``bench_ms`` times over ``rounds`` rounds, each round timing every function
+    once in order (so slow drifts of the GPU clock reach all of them alike)."""
+    for fn in fns.values():  # compile, record launch plans
+        fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(bench_ms(fn, budget_ms=budget_ms / rounds))
+    return times
+
+
+def ratio_cell(t_ref: list, t: list) -> str:
+    """``a.bc×`` (median time of the reference over median time), with the range of the per-round ratios
+    when there are several rounds."""
+    r = statistics.median(t_ref) / statistics.median(t)
+    if len(t) < 2:
+        return f"{r:.2f}×"
+    per = [a / b for a, b in zip(t_ref, t)]
+    return f"{r:.2f}× ({min(per):.2f}–{max(per):.2f})"
+
+
+def graphed(fn):
+    """A CUDA graph of one ``fn()`` call (warmed up on a side stream first, as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def overhead(q, k, v, kw: dict, f_sdpa, rounds: int):
+    """(kernel launches per call, host microseconds per call, eager ms times, CUDA-graph replay ms times,
+    cuDNN ms times), the last three over interleaved rounds.
 
     The graph replays the same launches without Python, so eager ms minus replay ms is what the host
     costs when the GPU waits for it."""
     f = lambda: sparge_attn(q, k, v, **kw)  # noqa: E731
     launches = sum(n for n, _ in gpu_kernels(f).values())
     host = host_us(f)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        f()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        f()
-    t_graph = bench_ms(graph.replay)
-    return launches, host, bench_ms(f), t_graph
+    graph = graphed(f)
+    t = interleaved({"sdpa": f_sdpa, "eager": f, "graph": graph.replay}, rounds)
+    return launches, host, t["eager"], t["graph"], t["sdpa"]
 
 
-def run_gpu(names, pv_paths, with_sage: bool, lines: list):
+def run_gpu(names, pv_paths, with_sage: bool, lines: list, rounds: int = 3):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sage = None
@@ -195,44 +231,55 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list):
 
     head = (f"{dev}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"{datetime.date.today().isoformat()}")
-    lines += ["# SpargeAttn kernel benchmark", "", head, ""]
+    lines += ["# SpargeAttn kernel benchmark", "", head, "",
+              f"Times: median over {rounds} interleaved rounds; × cuDNN: ratio of the medians (in brackets the range of "
+              "the ratios of the single rounds).", ""]
     lines += ["| shape | input | setting | P·V | time ms | × cuDNN | density | relL1 | prep / predict / attn ms (GPU) | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     overheads = []
     for name in names:
         q, k, v = make_inputs(name)
         kind = SHAPES[name][5]
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            f_sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            t_sdpa = bench_ms(f_sdpa)
-            mem_sdpa = peak_mib(f_sdpa)
-            rel_sdpa = ref_rel_l1(f_sdpa(), q, k, v)
-        lines.append(f"| {LABEL[name]} | {kind} | SDPA cuDNN (bf16) | — | {t_sdpa:.3f} | 1.00× | 1 | {rel_sdpa:.4f} | — | {mem_sdpa:.0f} |")
-        print(lines[-1], flush=True)
+        cudnn = functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION])  # around every timing and call of f_sdpa
+        f_sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+
+        fns = {"sdpa": f_sdpa}
         if sage is not None:
             qh, kh, vh = q.half(), k.half(), v.half()
-            f_sage = lambda: sage(qh, kh, vh, tensor_layout="HND", is_causal=False)  # noqa: E731
-            t_sage = bench_ms(f_sage)
-            rel_sage = ref_rel_l1(f_sage(), qh, kh, vh)
-            lines.append(f"| {LABEL[name]} | {kind} | SageAttention 1.0.6 (fp16) | fp16 | {t_sage:.3f} | {t_sdpa / t_sage:.2f}× | 1 | {rel_sage:.4f} | — | — |")
-            print(lines[-1], flush=True)
-            del qh, kh, vh
+            fns["sage"] = lambda: sage(qh, kh, vh, tensor_layout="HND", is_causal=False)  # noqa: E731
+        ours = {}
         for pv in pv_paths:
             for label, topk in SETTINGS:
-                kw = dict(mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv)
-                f = lambda: sparge_attn(q, k, v, **kw)  # noqa: E731
-                t = bench_ms(f)
-                out, stats = sparge_attn(q, k, v, return_stats=True, **kw)
-                rel = ref_rel_l1(out, q, k, v)
-                dens = float(stats["density"].mean())
-                t_prep, t_pred, t_attn = split_ms(f)
-                mem = peak_mib(f)
-                lines.append(
-                    f"| {LABEL[name]} | {kind} | ours {label} | {pv} | {t:.3f} | {t_sdpa / t:.2f}× | {dens:.2f} | "
-                    f"{rel:.4f} | {t_prep:.3f} / {t_pred:.3f} / {t_attn:.3f} | {mem:.0f} |"
-                )
-                print(lines[-1], flush=True)
-                del out
+                ours[(pv, label)] = dict(mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv)
+                fns[(pv, label)] = functools.partial(sparge_attn, q, k, v, **ours[(pv, label)])
+        with cudnn():
+            times = interleaved(fns, rounds)
+            rel_sdpa, mem_sdpa = ref_rel_l1(f_sdpa(), q, k, v), peak_mib(f_sdpa)
+        t_sdpa = times["sdpa"]
+        lines.append(f"| {LABEL[name]} | {kind} | SDPA cuDNN (bf16) | — | {statistics.median(t_sdpa):.3f} | 1.00× | 1 | "
+                     f"{rel_sdpa:.4f} | — | {mem_sdpa:.0f} |")
+        print(lines[-1], flush=True)
+        if sage is not None:
+            t_sage = times["sage"]
+            rel_sage = ref_rel_l1(fns["sage"](), qh, kh, vh)
+            lines.append(f"| {LABEL[name]} | {kind} | SageAttention 1.0.6 (fp16) | fp16 | {statistics.median(t_sage):.3f} | "
+                         f"{ratio_cell(t_sdpa, t_sage)} | 1 | {rel_sage:.4f} | — | — |")
+            print(lines[-1], flush=True)
+            del qh, kh, vh
+        for (pv, label), kw in ours.items():
+            f = fns[(pv, label)]
+            t = times[(pv, label)]
+            out, stats = sparge_attn(q, k, v, return_stats=True, **kw)
+            rel = ref_rel_l1(out, q, k, v)
+            dens = float(stats["density"].mean())
+            t_prep, t_pred, t_attn = split_ms(f)
+            mem = peak_mib(f)
+            lines.append(
+                f"| {LABEL[name]} | {kind} | ours {label} | {pv} | {statistics.median(t):.3f} | {ratio_cell(t_sdpa, t)} | "
+                f"{dens:.2f} | {rel:.4f} | {t_prep:.3f} / {t_pred:.3f} / {t_attn:.3f} | {mem:.0f} |"
+            )
+            print(lines[-1], flush=True)
+            del out
         if name == "wan":
             # accuracy at full density on gaussian inputs (the kernel issue's bound)
             gq, gk, gv = (torch.randn_like(q) for _ in range(3))
@@ -244,16 +291,20 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list):
         if name == "flux":
             for label, topk in SETTINGS[:2]:
                 kw = dict(mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv_paths[0])
-                launches, host_us, t_eager, t_graph = overhead(q, k, v, kw)
-                overheads.append(f"| {LABEL[name]} | ours {label} | {launches:.0f} | {host_us:.0f} | {t_eager:.3f} | "
-                                 f"{t_graph:.3f} | {t_sdpa / t_graph:.2f}× |")
+                with cudnn():
+                    launches, host_us, t_eager, t_graph, t_ref = overhead(q, k, v, kw, f_sdpa, rounds)
+                overheads.append(f"| {LABEL[name]} | ours {label} | {launches:.0f} | {host_us:.0f} | "
+                                 f"{statistics.median(t_eager):.3f} | {statistics.median(t_graph):.3f} | "
+                                 f"{statistics.median(t_ref):.3f} | {ratio_cell(t_ref, t_eager)} | {ratio_cell(t_ref, t_graph)} |")
                 print(overheads[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     if overheads:
-        lines += ["", "Host overhead (eager call vs the same launches replayed from a CUDA graph):", "",
-                  "| shape | setting | GPU kernels / call | host µs / call | eager ms | graph replay ms | replay × cuDNN |",
-                  "|---|---|---|---|---|---|---|"] + overheads
+        lines += ["", "Host overhead (eager call vs the same launches replayed from a CUDA graph, with cuDNN in the same "
+                  "interleaved rounds):", "",
+                  "| shape | setting | GPU kernels / call | host µs / call | eager ms | graph replay ms | cuDNN ms | "
+                  "eager × cuDNN | replay × cuDNN |",
+                  "|---|---|---|---|---|---|---|---|---|"] + overheads
     return lines
 
 
@@ -281,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--pv", default=None, help="comma-separated P.V paths (default: fp8,fp16 where FP8 exists)")
     ap.add_argument("--no-sage", action="store_true", help="skip SageAttention even if installed")
     ap.add_argument("--out", default=None, help="also write the markdown table to this file")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per shape (GPU)")
     args = ap.parse_args(argv)
     lines: list = []
     if torch.cuda.is_available():
@@ -289,7 +341,9 @@ def main(argv=None):
         if unknown:
             ap.error(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
         pv_paths = args.pv.split(",") if args.pv else (["fp8", "fp16"] if A.default_pv_dtype("cuda") == "fp8" else ["fp16"])
-        run_gpu(names, pv_paths, not args.no_sage, lines)
+        if args.rounds < 1:
+            ap.error("--rounds must be at least 1")
+        run_gpu(names, pv_paths, not args.no_sage, lines, args.rounds)
     else:
         run_cpu(lines)
     text = "\n".join(lines) + "\n"
