@@ -170,7 +170,9 @@ def host_us(fn, reps: int = 50) -> float:
 def interleaved(fns: dict, rounds: int, budget_ms: float = 800.0) -> dict:
     """Per name of ``fns``: its ``bench_ms`` times over ``rounds`` rounds, each round timing every function
     once in order (so slow drifts of the GPU clock reach all of them alike)."""
-    for fn in fns.values():  # compile, record launch plans
+    # compile and record launch plans before the first round: ``bench_ms``'s own untimed first call would
+    # do it too, but the GPU would idle for seconds of compilation between the functions of round 1
+    for fn in fns.values():
         fn()
     torch.cuda.synchronize()
     times = {name: [] for name in fns}
@@ -237,10 +239,10 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list, rounds: int = 3):
     lines += ["| shape | input | setting | P·V | time ms | × cuDNN | density | relL1 | prep / predict / attn ms (GPU) | peak MiB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     overheads = []
+    cudnn = functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION])  # around every timing and call of f_sdpa
     for name in names:
         q, k, v = make_inputs(name)
         kind = SHAPES[name][5]
-        cudnn = functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION])  # around every timing and call of f_sdpa
         f_sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
 
         fns = {"sdpa": f_sdpa}

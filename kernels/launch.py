@@ -223,11 +223,11 @@ class _Ptr:
 
 def _direct_launcher(run):
     """(C launch function, (coop, pdl), {argument index: tensordesc metadata}, descriptor encoder) behind the
-    launcher ``run`` of a
-    Triton 3.6 CUDA kernel (``CudaLauncher``), or None when it is not laid out as expected or needs scratch
-    memory. ``CudaLauncher.__call__`` allocates the scratch buffers (none for our kernels) and, for a kernel
-    with TMA descriptor arguments, a Python wrapper encodes every descriptor (``cuTensorMapEncodeTiled``) on
-    every launch before calling the C function; a replay at unchanged addresses can encode them once."""
+    launcher ``run`` of a Triton 3.6 CUDA kernel (``CudaLauncher``), or None when it is not laid out as
+    expected or needs scratch memory. ``CudaLauncher.__call__`` allocates the scratch buffers (none for our
+    kernels) and, for a kernel with TMA descriptor arguments, a Python wrapper encodes every descriptor
+    (``cuTensorMapEncodeTiled``) on every launch before calling the C function; a replay at unchanged
+    addresses can encode them once."""
     try:
         if run.global_scratch_size or run.profile_scratch_size or getattr(run, "num_ctas", 1) != 1:
             return None
