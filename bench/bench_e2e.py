@@ -24,6 +24,10 @@ realistic spread (std ~1) for the quantization check. ComfyUI is set up as with 
 (weights stay on the GPU, never partially loaded); comfy-aimdo's dynamic VRAM is off, as in any
 in-process use.
 
+RoPE: ComfyUI takes it from comfy-kitchen, whose CUDA backend (the manylinux wheel, a CUDA 13 torch) runs
+it ~3.5x faster than its eager backend of plain torch ops; both sides of a speed-up pay it, so the report
+names the backend that ran, and ``--rope eager`` measures the slow one (a CUDA 12 torch's).
+
 Seconds per step: wall time between sampler callbacks, with one ``torch.cuda.synchronize()`` per
 step; the first ``--warmup`` steps of every run (model load, Triton compilation) are left out and the
 median of the other steps is reported. Attention share: a thin override is put on top of the
@@ -435,7 +439,8 @@ def render(results: dict) -> str:
     meta = results["meta"]
     lines = [f"# End-to-end seconds per step in ComfyUI ({meta['device']})", "",
              f"{meta['date']}; torch {meta['torch']}, triton {meta['triton']}, ComfyUI {meta['comfyui']}, "
-             f"default attention `{meta['attention']}`; {meta['dtype']} random weights, batch 1, cfg 1, euler/simple; "
+             f"default attention `{meta['attention']}`; RoPE: {meta.get('rope', 'not recorded')}; "
+             f"{meta['dtype']} random weights, batch 1, cfg 1, euler/simple; "
              "seconds per step = median of the timed steps after the warm-up step(s) of each run."
              + (f" Every configuration compiled with torch.compile (backend {meta['compile']}) the way ComfyUI's "
                 "TorchCompileModel node does it; attention share not measured then." if meta.get("compile") else ""),
@@ -500,6 +505,27 @@ def write_outputs(results: dict, out_dir: str) -> None:
     write_report(out_dir, "e2e", results, render(results))
 
 
+def rope_backend() -> str:
+    """What runs ComfyUI's RoPE (``comfy.ldm.flux.math.apply_rope1``, used by Flux, Wan and HunyuanVideo):
+    comfy-kitchen's first enabled backend that has the op, or ComfyUI's own torch ops without it. Both
+    the unpatched and the patched steps pay it, so a slower RoPE lowers every speed-up."""
+    import comfy.ldm.flux.math as flux_math
+
+    if not getattr(flux_math.apply_rope1, "__module__", "").startswith("comfy_kitchen"):
+        return "ComfyUI's torch ops (no comfy-kitchen)"
+    import importlib.metadata
+
+    import comfy_kitchen as ck
+
+    status = ck.list_backends()
+    order = list(getattr(ck.registry, "_priority", ["ascend", "cuda", "triton", "eager"]))
+    for name in order + sorted(set(status) - set(order)):
+        s = status.get(name, {})
+        if s.get("available") and not s.get("disabled") and "apply_rope1" in s.get("capabilities", ()):
+            return f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')}, {name} backend"
+    return "comfy-kitchen, no backend with apply_rope1"
+
+
 def environment(device, args) -> dict:
     import comfy.ldm.modules.attention as attention
     import comfy.ops
@@ -520,6 +546,7 @@ def environment(device, args) -> dict:
         "torch": torch.__version__, "triton": triton_version, "comfyui": comfyui_version.__version__,
         "attention": backend, "dtype": str(args.dtype).replace("torch.", ""),
         "command": "python3 " + " ".join(sys.argv), "patch": COMMON, "compile": getattr(args, "compile", None),
+        "rope": rope_backend(),
     }
 
 
@@ -556,6 +583,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="run each configuration under the torch profiler and print its GPU kernels by time "
                              "(a diagnostic: the profiler changes the timings)")
+    parser.add_argument("--rope", default="installed", choices=["installed", "eager"],
+                        help="'eager': disable comfy-kitchen's CUDA backend, so ComfyUI's RoPE runs on plain torch "
+                             "ops, as it does for a CUDA 12 torch or with comfy-kitchen's pure-Python wheel")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="only merge the e2e.json files of earlier runs into one report in --out")
     args = parser.parse_args()
@@ -575,6 +605,13 @@ def main() -> None:
         configs.insert(0, "unpatched")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = setup_comfy(args.tiny)
+    if args.rope == "eager":
+        try:
+            import comfy_kitchen
+        except ImportError:
+            pass  # ComfyUI then runs its own torch-op RoPE already
+        else:
+            comfy_kitchen.registry.disable("cuda")
     args.dtype = torch.float32 if args.tiny else torch.bfloat16
     specs = {k: MODELS[k] for k in keys}
     if args.tiny:
@@ -584,7 +621,8 @@ def main() -> None:
     estimate = {k: s.est_build_s + s.est_step_s * per_step * sum(COST[c] for c in configs) for k, s in specs.items()}
     order = sorted(specs, key=estimate.get)
     results = {"meta": environment(device, args), "models": {}}
-    print(f"{results['meta']['device']}; attention {results['meta']['attention']}; order "
+    meta = results["meta"]
+    print(f"{meta['device']}; attention {meta['attention']}; RoPE {meta['rope']}; order "
           + ", ".join(f"{k} (~{estimate[k]:.0f} s)" for k in order), flush=True)
     clock = {"deadline": start + args.budget_s, "calib": 1.0, "compiled": False}
     for key in order:

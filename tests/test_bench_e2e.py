@@ -20,7 +20,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def run_bench(tmp_path, interpret: str, models: str, configs: str, *extra) -> dict:
     require_comfy()
-    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    # the tiny models run on the CPU on any machine (on a GPU they would take the real kernel instead)
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, SCRIPT, "--tiny", "--models", models, "--configs", configs, "--steps", "1",
            "--out", str(tmp_path), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
