@@ -511,7 +511,10 @@ def rope_backend() -> str:
     the unpatched and the patched steps pay it, so a slower RoPE lowers every speed-up."""
     import comfy.ldm.flux.math as flux_math
 
-    if not getattr(flux_math.apply_rope1, "__module__", "").startswith("comfy_kitchen"):
+    # ComfyUI 0.8.0 binds comfy-kitchen's function itself; 0.19.3 wraps it (``q_apply_rope1``, called
+    # outside training); without comfy-kitchen both fall back to their own torch-op functions
+    direct = getattr(flux_math.apply_rope1, "__module__", "").startswith("comfy_kitchen")
+    if not direct and getattr(flux_math, "q_apply_rope1", None) is None:
         return "ComfyUI's torch ops (no comfy-kitchen)"
     import importlib.metadata
 

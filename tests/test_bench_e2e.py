@@ -6,6 +6,7 @@ latent must equal the unpatched one, and once with the kernel in the Triton inte
 patched calls must run sparse and report their density.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,6 +43,14 @@ def test_without_the_kernel_every_patched_call_is_dense_and_the_latent_unchanged
             assert rec["warning"] == "no attention call ran sparse"
     report = (tmp_path / "e2e.md").read_text()
     assert "| wan1.3b (tiny) (192 tok) |" in report and "| flux (tiny) (72 tok) |" in report
+    # the report names what ran ComfyUI's RoPE: on a CPU, comfy-kitchen's eager backend (its CUDA backend
+    # needs a GPU and ComfyUI turns its Triton backend off), or ComfyUI's own functions without it
+    rope = results["meta"]["rope"]
+    if importlib.util.find_spec("comfy_kitchen") is not None:
+        assert rope.startswith("comfy-kitchen ") and rope.endswith(", eager backend"), rope
+    else:
+        assert rope == "ComfyUI's torch ops (no comfy-kitchen)", rope
+    assert f"RoPE: {rope};" in report
 
 
 def test_in_the_interpreter_the_patched_calls_run_sparse(tmp_path):
