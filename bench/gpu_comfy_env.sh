@@ -17,7 +17,7 @@
 #                  model slower by the same RoPE time (bench_e2e.py prints which backend ran).
 #   torchsde, trampoline   hard import of comfy.k_diffusion.sampling
 #
-# The wheels with ComfyUI come to ~90 MB, more than one call may carry (64 MiB), so `pack` unpacks them
+# The wheels (~100 MB) and ComfyUI (~24 MB) are more than one call may carry (64 MiB), so `pack` unpacks them
 # into one site folder (without comfy-kitchen's ROCm backend, 151 MB of it) and xz-compresses that and
 # the ComfyUI checkout: ~60 MiB. Carry [".carry/packed"] (plus whatever else the call needs). Without
 # .carry/packed, `source` falls back to pip-installing .carry/wheels and a carried .comfyui, as before.
