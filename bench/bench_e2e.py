@@ -507,8 +507,9 @@ def write_outputs(results: dict, out_dir: str) -> None:
 
 def rope_backend() -> str:
     """What runs ComfyUI's RoPE (``comfy.ldm.flux.math.apply_rope1``, used by Flux, Wan and HunyuanVideo):
-    comfy-kitchen's first enabled backend that has the op, or ComfyUI's own torch ops without it. Both
-    the unpatched and the patched steps pay it, so a slower RoPE lowers every speed-up."""
+    the backend comfy-kitchen's registry picks for the op (before its per-call input checks), or
+    ComfyUI's own torch ops without comfy-kitchen. Both the unpatched and the patched steps pay it, so
+    a slower RoPE lowers every speed-up."""
     import comfy.ldm.flux.math as flux_math
 
     # ComfyUI 0.8.0 binds comfy-kitchen's function itself; 0.19.3 wraps it (``q_apply_rope1``, called
@@ -519,14 +520,13 @@ def rope_backend() -> str:
     import importlib.metadata
 
     import comfy_kitchen as ck
+    from comfy_kitchen.exceptions import BackendError
 
-    status = ck.list_backends()
-    order = list(getattr(ck.registry, "_priority", ["ascend", "cuda", "triton", "eager"]))
-    for name in order + sorted(set(status) - set(order)):
-        s = status.get(name, {})
-        if s.get("available") and not s.get("disabled") and "apply_rope1" in s.get("capabilities", ()):
-            return f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')}, {name} backend"
-    return "comfy-kitchen, no backend with apply_rope1"
+    try:  # comfy-kitchen's own choice for a call (priority order, disabled backends, overrides)
+        name = ck.registry.get_capable_backend("apply_rope1")
+    except BackendError as exc:
+        return f"comfy-kitchen, no backend with apply_rope1 ({exc})"
+    return f"comfy-kitchen {importlib.metadata.version('comfy-kitchen')}, {name} backend"
 
 
 def environment(device, args) -> dict:

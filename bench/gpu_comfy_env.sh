@@ -53,7 +53,6 @@ if [ "${1:-}" = "pack" ]; then
     $_py -m zipfile -e "$w" "$tmp/site" || exit 1
   done
   rm -rf "$tmp/site/comfy_kitchen/backends/hip"  # ROCm only
-  find "$tmp/site" -name '*.so' -exec chmod +x {} +
   mkdir -p "$_packed_dir" || exit 1
   tar -C "$tmp/site" -cf - . | xz -T0 -6 > "$_packed_dir/site.tar.xz" || exit 1
   tar -C "$(dirname "$comfy")" --exclude=.git --exclude=__pycache__ -cf - "$(basename "$comfy")" \
