@@ -2,6 +2,7 @@
 
 Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 
+0. ``_rope_table_kernel`` with ``rope=``: the rotations as an fp16 cos/sin table (+ a flag per token that is not)
 1. ``_colstats_kernel``  K column sums and V column |max| over ~512 sampled tokens, in chunks
 2. ``_qk_prep_kernel``   Q blocks: pool, self-similarity, INT8 per token (sm_scale*log2e folded in), and
                          K blocks: centred by the sampled token mean, pool, self-similarity, INT8 per block
@@ -39,7 +40,7 @@ try:
     from .attention import _attn_kernel
     from .gdc import AVAILABLE as _GDC
     from .predict import _scores_kernel, _select_kernel, _stats_kernel
-    from .quant import _colstats_kernel, _qk_prep_kernel, _v_fix_kernel, _v_prep_kernel
+    from .quant import _colstats_kernel, _qk_prep_kernel, _rope_table_kernel, _v_fix_kernel, _v_prep_kernel
 
     try:  # the Hopper kernel is written in Triton's Gluon language, experimental and changing between
         # releases: it is used with the Triton it was written and tested for, others get the portable kernel
@@ -181,6 +182,32 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], layout: 
     return _Geom(b, h, hk, nq, nk, d, dp, _cdiv(nq, BLOCK_Q), _cdiv(nk, BLOCK_K), layout, _pdl_ok(q.device))
 
 
+def _rope_arg(rope: Optional[torch.Tensor], g: _Geom, device) -> Optional[tuple]:
+    """(F, batch stride, head stride, token stride) of a ``rope`` argument in the kernel's (B, H, N, ...) order,
+    or None without one. See :func:`sparge_attn` for the format."""
+    if rope is None:
+        return None
+    want = f"(B or 1, H or 1, N, D/2, 2, 2) for layout 'HND', (B or 1, N, H or 1, D/2, 2, 2) for 'NHD' (D = {g.d})"
+    if not isinstance(rope, torch.Tensor) or rope.dim() != 6:
+        raise ValueError(f"rope must be a 6-D tensor {want}, got {getattr(rope, 'shape', type(rope))}")
+    if not rope.is_floating_point():
+        raise TypeError(f"rope has dtype {rope.dtype}; give the rotation matrices as float tensors")
+    if rope.device != device:
+        raise ValueError(f"rope is on {rope.device}, q on {device}; move it to q's device")
+    if g.d % 2:
+        raise ValueError(f"rope needs an even head dim, q has {g.d}")
+    f = _hnd(rope, g.layout)
+    fb, fh, fn = f.shape[:3]
+    if tuple(f.shape[3:]) != (g.d // 2, 2, 2) or fb not in (1, g.b) or fh not in (1, g.h) or fn < max(g.nq, g.nk):
+        raise ValueError(f"rope has shape {tuple(rope.shape)}; expected {want} with N >= {max(g.nq, g.nk)} tokens")
+    if fh > 1 and g.hk != g.h:
+        raise ValueError("rope with one rotation per head needs as many K/V heads as query heads; "
+                         "give one rotation for all heads (size 1 in the head dim)")
+    if f.stride()[3:] != (4, 2, 1):
+        f = f.contiguous()
+    return f, (f.stride(0) if fb > 1 else 0), (f.stride(1) if fh > 1 else 0), f.stride(2)
+
+
 #: Programmatic dependent launch between the kernels of a call (``gdc.py``) on sm_90+ GPUs; the
 #: environment variable ``SPARGEATTN_PDL=0`` (read at import) or setting this to False turns it off.
 PDL = os.environ.get("SPARGEATTN_PDL", "1") != "0"
@@ -241,9 +268,11 @@ class _Null:
 #: Warps per program of the preparation kernels and rows per piece of the Q/K blocks (which are
 #: streamed in pieces of that many rows), measured on an H100 (bench/NOTES.md #12, #18): small
 #: programs are faster here (more programs resident per SM overlap their loads with the reductions).
-#: "qk": the Q and K blocks (one launch); "k64": K blocks at padded head dim 64. Benchmarks may change them.
+#: "qk": the Q and K blocks (one launch); "k64": K blocks at padded head dim 64; "rope": Q and K pieces (at most)
+#: and the column statistics' pieces of K when RoPE is applied on the way (its loads need ~4 live values per
+#: element). Benchmarks may change them.
 PREP_WARPS = {"colstats": 2, "qk": 1, "v": 2}
-PREP_ROWS = {"q": 16, "k": 16, "k64": 64, "v": 32}
+PREP_ROWS = {"q": 16, "k": 16, "k64": 64, "v": 32, "rope": 8}
 #: V blocks go into the Q/K preparation launch (one-warp programs, ``PREP_ROWS["v"]`` rows per piece)
 #: instead of a launch of their own (``PREP_WARPS["v"]`` warps, whole blocks) when there are at most this
 #: many. H100 (bench/NOTES.md #26): Flux (1728 V blocks) -2% per call; Wan and CogVideoX preparation +4-7%.
@@ -253,10 +282,11 @@ FUSE_V_MAX = 4096
 V_FIX_PROGRAMS = 16
 
 
-def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None):
+def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None, rope=None):
     """Launches 1-4. Returns a dict of the prepared buffers (V parts only when ``v`` is given).
     ``sm90``: V is stored in the token order of the Hopper kernel (``buf["v_order"]`` says which);
-    None: as ``_use_sm90`` decides for a call without causal mask and without P.V skip."""
+    None: as ``_use_sm90`` decides for a call without causal mask and without P.V skip.
+    ``rope``: ``_rope_arg``'s tuple, or None: Q and K are rotated as they are read."""
     if sm90 is None:
         sm90 = v is not None and _use_sm90(q.device, g.dp, pv_dtype, False, False)
     dev = q.device
@@ -267,13 +297,31 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     ns = _cdiv(g.nk, stride)
     nchunk = _cdiv(ns, r)
     f32 = torch.float32
+    # without rope the kernels never read F, T or BAD: any tensor stands in
+    if rope is not None:
+        f, fsb, fsh, fsn = rope
+        fb, fh, nf = (f.shape[0] if fsb else 1), (f.shape[1] if fsh else 1), max(g.nq, g.nk)
+        table = new_buffer((fb * fh, nf, g.dp), torch.float16, dev)
+        bad = new_buffer((fb * fh, nf), torch.int8, dev)
+        # strides of T and BAD (per batch, per head; 0 where F broadcasts)
+        tst = (fh * nf * g.dp if fsb else 0, nf * g.dp if fh > 1 else 0, fh * nf if fsb else 0, nf if fh > 1 else 0)
+        ft = (f, fsb, fsh, fsn, table, bad, *tst, True)
+        rt = 32
+        _Fast.get(_rope_table_kernel)[(_cdiv(nf, rt), fb * fh)](
+            f, fsb, fsh, fsn, table, bad, *tst, fh, nf, g.d, DP=g.dp, RT=rt, PDL=g.pdl, num_warps=4)
+        pdl_first = g.chained()
+    else:
+        ft = (kh, 0, 0, 0, kh, kh, 0, 0, 0, 0, False)
+        pdl_first = {"PDL": g.pdl}
+    rows_rope = (PREP_ROWS["rope"],) if rope is not None else ()
     ksum = new_buffer((g.b * g.hk, nchunk, g.dp), f32, dev)
     vmax = new_buffer(ksum.shape, f32, dev)
     vfix = new_buffer((g.b * g.hk, g.dp), f32, dev)
     _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax, vfix,
-        g.hk, g.nk, g.d, stride, ns, nchunk,
-        DP=g.dp, R=r, EVEN_D=g.d == g.dp, PDL=g.pdl, num_warps=PREP_WARPS["colstats"],
+        g.hk, g.nk, g.d, stride, ns, nchunk, *ft[:10],
+        DP=g.dp, R=r, EVEN_D=g.d == g.dp, ROPE=ft[10], RS=min(r, PREP_ROWS["rope"]),
+        num_warps=PREP_WARPS["colstats"], **pdl_first,
     )
     buf = {}
     buf["q8"] = new_buffer((g.b * g.h, g.nq_pad, g.dp), torch.int8, dev)
@@ -302,11 +350,12 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
         qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,
         scale * LOG2E,
         kh, *kh.stride(), buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"], g.hk, g.nk, g.nk_pad, g.nkb,
-        ksum, g.d, nchunk, ns, q_programs, k_programs, *vt, V_SAMPLE_TARGET, V_FP8_MAX,
+        ksum, g.d, nchunk, ns, q_programs, k_programs, *vt, V_SAMPLE_TARGET, V_FP8_MAX, *ft[:10],
         BQ=BLOCK_Q, BK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), EVEN_D=g.d == g.dp,
-        SUB_Q=min(PREP_ROWS["q"], BLOCK_Q), SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K),
+        SUB_Q=min(PREP_ROWS["q"], BLOCK_Q, *rows_rope),
+        SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K, *rows_rope),
         HAS_V=fuse_v, SUB_V=PREP_ROWS["v"], FP8=fp8, INTERPRET=_interpreting(), SM90_ORDER=bool(sm90 and fp8),
-        num_warps=PREP_WARPS["qk"], **g.chained(),
+        ROPE=ft[10], num_warps=PREP_WARPS["qk"], **g.chained(),
     )
     if v is not None:
         vargs = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"], g.hk, g.nk, g.d, g.nk_pad)
@@ -580,6 +629,7 @@ def sparge_attn(
     return_stats: bool = False,
     pv_dtype: str = "auto",
     out: Optional[torch.Tensor] = None,
+    rope: Optional[torch.Tensor] = None,
 ):
     """Sparse + quantized attention (SpargeAttn): a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -614,6 +664,14 @@ def sparge_attn(
     pv_dtype : "auto" (FP8 e4m3 on sm_89+, fp16 on sm_80/86), "fp8" or "fp16". FP16 is more accurate
         (relL1 ~0.013 vs ~0.04 on gaussian inputs), FP8 faster.
     out : optional preallocated output shaped like q (any strides); every element is written.
+    rope : optional rotary position embedding applied to q and k inside the kernels (not to v), in
+        ComfyUI's format (Flux's ``pe``, Wan's ``freqs``): per token ``D/2`` rotation matrices ``F`` with
+        ``q'[2i+r] = F[i, r, 0] * q[2i] + F[i, r, 1] * q[2i+1]``, shape (B or 1, H or 1, N, D/2, 2, 2) for
+        layout "HND", (B or 1, N, H or 1, D/2, 2, 2) for "NHD", N >= Nq and Nk (token n of q and of k
+        takes row n, as ComfyUI's ``apply_rope``), any float dtype. The rotation is done in fp32 with cos
+        and sin rounded to fp16 (a table built per call; tokens whose matrices are not rotations use
+        them unrounded), which is closer than ComfyUI's RoPE with its bf16 output, and it saves the
+        separate pass over q and k (read and write) that applying RoPE first costs.
 
     cdf_threshold, sim_threshold, topk and pv_threshold each take a float or a tensor of H values
     (one per query head).
@@ -631,7 +689,7 @@ def sparge_attn(
     """
     args = dict(layout=layout, scale=scale, causal=causal, mode=mode, cdf_threshold=cdf_threshold,
                 sim_threshold=sim_threshold, pv_threshold=pv_threshold, topk=topk, keep_ranges=keep_ranges,
-                return_stats=return_stats, pv_dtype=pv_dtype, out=out)
+                return_stats=return_stats, pv_dtype=pv_dtype, out=out, rope=rope)
     if _OP_CALL is not None and torch.compiler.is_compiling():
         return _OP_CALL(q, k, v, **args)
     return _sparge_attn(q, k, v, **args)
@@ -667,7 +725,7 @@ def _plan_part(value, heads: int):
     return ...
 
 
-def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype):
+def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, rope=None):
     """Everything a call's launch arguments are computed from, or None when the call takes the normal
     path (odd argument types, a device other than the current one)."""
     if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
@@ -696,34 +754,38 @@ def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges
             keep_ranges = tuple((int(a), int(b)) for a, b in keep_ranges)
         except (TypeError, ValueError):
             return None
-    tensors = tuple(_tensor_key(t) for t in (q, k, v))
+    if rope is not None and not isinstance(rope, torch.Tensor):
+        return None
+    tensors = tuple(_tensor_key(t) for t in (q, k, v) + ((rope,) if rope is not None else ()))
     knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
              tuple(PREP_ROWS.items()), PDL, FUSE_V_MAX)
-    return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, knobs
+    return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, rope is not None, knobs
 
 
 def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_threshold, pv_threshold, topk,
-                 keep_ranges, return_stats, pv_dtype, out):
+                 keep_ranges, return_stats, pv_dtype, out, rope=None):
     thresholds = (cdf_threshold, sim_threshold, topk, pv_threshold)
     key = None
     if replay_allowed():
         try:
             key = _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges, return_stats,
-                            pv_dtype)
+                            pv_dtype, rope)
         except TypeError:  # an unhashable argument: the normal path reports what is wrong with it
             key = None
     plan = _PLANS.get(key, ...) if key is not None else None
     if plan is None:  # no plan for such calls
-        return _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out)
+        return _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out,
+                    rope=rope)
     if out is None:
         out = torch.empty_like(q)  # keeps q's memory order (dense inputs), so NHD views stay NHD
     st = None
     if return_stats:
         st = torch.empty(4, q.shape[1 if layout == "HND" else 2], device=q.device, dtype=torch.float32)
-    inputs = (q, k, v, out, st) + tuple(t if isinstance(t, torch.Tensor) else None for t in thresholds)
+    inputs = (q, k, v, out, st, rope) + tuple(t if isinstance(t, torch.Tensor) else None for t in thresholds)
     if plan is ...:  # first call with this key: the normal path, recorded
         with Recorder(inputs) as rec:
-            res = _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st)
+            res = _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st,
+                       rope)
         if len(_PLANS) >= _PLAN_LIMIT:
             _PLANS.clear()
         _PLANS[key] = rec.plan()
@@ -734,7 +796,8 @@ def _sparge_attn(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_thr
     return out
 
 
-def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st=None):
+def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_stats, pv_dtype, out, st=None,
+         rope=None):
     """The call through Python (checks, buffers, launches): what a plan records and replays."""
     cdf_threshold, sim_threshold, topk, pv_threshold = thresholds
     g = _check(q, k, v, layout)
@@ -742,8 +805,9 @@ def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_s
     if sim_threshold is None:
         sim_threshold = 0.6 if mode == "cdf" else -0.1
     pv = _resolve_pv(pv_dtype, q.device)
+    f = _rope_arg(rope, g, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f)
         lut, cnt, cnt_full = _blocks(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:
@@ -763,6 +827,7 @@ def predict_block_mask(
     sim_threshold: Optional[Threshold] = None,
     topk: Threshold = 0.5,
     keep_ranges: Optional[Sequence[Tuple[int, int]]] = None,
+    rope: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The stage-1 block mask that :func:`sparge_attn` would use.
 
@@ -775,7 +840,7 @@ def predict_block_mask(
     if sim_threshold is None:
         sim_threshold = 0.6 if mode == "cdf" else -0.1
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, None, g, scale, None)
+        buf = _prep_qk(q, k, None, g, scale, None, rope=_rope_arg(rope, g, q.device))
         _, _, _, mask = _select(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges,
                                 write_mask=True)
     return mask
@@ -794,6 +859,7 @@ def block_sparse_attn(
     return_stats: bool = False,
     pv_dtype: str = "auto",
     out: Optional[torch.Tensor] = None,
+    rope: Optional[torch.Tensor] = None,
 ):
     """Attention over a caller-supplied block mask (no prediction).
 
@@ -816,8 +882,9 @@ def block_sparse_attn(
     if bm.dtype != torch.bool:
         bm = bm != 0
     pv = _resolve_pv(pv_dtype, q.device)
+    f = _rope_arg(rope, g, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None))
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f)
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, "cdf", 1.0, 0.0, 1.0, None, block_mask=bm)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:

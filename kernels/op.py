@@ -44,6 +44,7 @@ def _impl(
     keep_ranges: List[int],
     return_stats: bool,
     pv_dtype: str,
+    rope: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     ranges = [(keep_ranges[i], keep_ranges[i + 1]) for i in range(0, len(keep_ranges) - 1, 2)]
     res = api._sparge_attn(
@@ -52,7 +53,7 @@ def _impl(
         sim_threshold=sim_threshold if sim_per_head is None else sim_per_head,
         pv_threshold=(pv_threshold if pv_per_head is None else pv_per_head) if pv_on else None,
         topk=topk if topk_per_head is None else topk_per_head,
-        keep_ranges=ranges or None, return_stats=return_stats, pv_dtype=pv_dtype, out=None,
+        keep_ranges=ranges or None, return_stats=return_stats, pv_dtype=pv_dtype, out=None, rope=rope,
     )
     if not return_stats:
         return res, q.new_empty((4, 0), dtype=torch.float32)
@@ -61,7 +62,7 @@ def _impl(
 
 
 def _fake(q, k, v, layout, scale, causal, mode, cdf_threshold, cdf_per_head, sim_threshold, sim_per_head, pv_on,
-          pv_threshold, pv_per_head, topk, topk_per_head, keep_ranges, return_stats, pv_dtype):
+          pv_threshold, pv_per_head, topk, topk_per_head, keep_ranges, return_stats, pv_dtype, rope=None):
     heads = _heads(q, layout) if return_stats else 0
     return torch.empty_like(q), q.new_empty((4, heads), dtype=torch.float32)
 
@@ -80,7 +81,7 @@ def _split(value) -> Tuple[float, Optional[torch.Tensor]]:
 
 
 def call(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_threshold, pv_threshold, topk, keep_ranges,
-         return_stats, pv_dtype, out):
+         return_stats, pv_dtype, out, rope=None):
     """:func:`kernels.sparge_attn` through the op (what it does while torch.compile traces)."""
     if sim_threshold is None:
         sim_threshold = 0.6 if mode == "cdf" else -0.1
@@ -92,7 +93,7 @@ def call(q, k, v, *, layout, scale, causal, mode, cdf_threshold, sim_threshold, 
     res, stat = torch.ops.spargeattn.sparge_attn(
         q, k, v, layout, None if scale is None else float(scale), bool(causal), mode,
         cdf[0], cdf[1], sim[0], sim[1], pv_threshold is not None, pv[0], pv[1], frac[0], frac[1],
-        ranges, bool(return_stats), pv_dtype,
+        ranges, bool(return_stats), pv_dtype, rope,
     )
     if out is not None:
         out.copy_(res)

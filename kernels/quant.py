@@ -48,6 +48,66 @@ def _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _rope_table_kernel(
+    F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, HF, N, D,
+    DP: tl.constexpr, RT: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The compact form of the rotations ``F`` (see :func:`_rope`) for the preparation: per token the cosines
+    ``F[i, 0, 0]`` at ``T[r, i]`` and the sines ``F[i, 1, 0]`` at ``T[r, DP/2 + i]`` in fp16 (2 bytes per
+    channel instead of F's 8, which every head would read again; fp16 rounds them by at most 2^-12, below
+    the INT8 rounding that follows), and ``BAD[r]`` = 1 when some matrix of the token is not of the form
+    [[cos, -sin], [sin, cos]] with entries in [-1, 1]; pieces holding such a token are rotated from ``F``
+    itself. Program (i, j): tokens ``i*RT ..`` of (batch, head) ``j`` of F's broadcast shape (``HF`` heads)."""
+    pdl_start(PDL)
+    bh = tl.program_id(1)
+    b = bh // HF
+    h = bh % HF
+    rows = tl.program_id(0) * RT + tl.arange(0, RT)
+    c4 = tl.arange(0, 2 * DP)
+    src = F + b.to(tl.int64) * fsb + h.to(tl.int64) * fsh + rows.to(tl.int64)[:, None] * fsn + c4[None, :]
+    f = tl.load(src, mask=(rows[:, None] < N) & (c4[None, :] < 2 * D), other=0.0).to(tl.float32)
+    ac, bd = tl.split(tl.reshape(f, [RT, DP // 2, 2, 2]))  # [..., r] with j = 0 and j = 1
+    a, c = tl.split(ac)
+    bb, d = tl.split(bd)
+    ok = (a == d) & (bb == -c) & (tl.abs(a) <= 1.0) & (tl.abs(c) <= 1.0)
+    bad = tl.max(tl.where(ok, 0, 1), 1)
+    pair = tl.arange(0, DP // 2)
+    dst = T + b.to(tl.int64) * tsb + h.to(tl.int64) * tsh + rows.to(tl.int64)[:, None] * DP + pair[None, :]
+    tl.store(dst, a.to(tl.float16), mask=rows[:, None] < N)
+    tl.store(dst + DP // 2, c.to(tl.float16), mask=rows[:, None] < N)
+    tl.store(BAD + b.to(tl.int64) * bsb + h.to(tl.int64) * bsh + rows, bad.to(tl.int8), mask=rows < N)
+
+
+@triton.jit
+def _rope(x, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, b, h, rows, N, D, R: tl.constexpr, DP: tl.constexpr):
+    """Rotary position embedding of the fp32 tile ``x`` ([R, DP], tokens ``rows``; from :func:`_load_tile`):
+    ``out[2i+r] = F[i, r, 0] * x[2i] + F[i, r, 1] * x[2i+1]`` with ``F`` the token's (D/2, 2, 2) matrices
+    (ComfyUI's ``pe`` / ``freqs_cis`` format; the token's 2*D values contiguous), any float dtype.
+
+    The channel pairs are split off the tile (each thread holds whole pairs of its vector loads, so the
+    split and the join are free). The matrices come from the fp16 cos/sin table ``T`` of
+    :func:`_rope_table_kernel`, or from ``F`` for a piece holding a token that ``BAD`` marks. Padded
+    channels (c >= D) and tokens (>= N) come out 0."""
+    xe, xo = tl.split(tl.reshape(x, [R, DP // 2, 2]))
+    pair = tl.arange(0, DP // 2)
+    m = (rows[:, None] < N) & (pair[None, :] < D // 2)
+    bad = tl.load(BAD + b.to(tl.int64) * bsb + h.to(tl.int64) * bsh + rows, mask=rows < N, other=0)
+    if tl.max(bad.to(tl.int32), 0) == 0:
+        tbase = T + b.to(tl.int64) * tsb + h.to(tl.int64) * tsh + rows.to(tl.int64)[:, None] * DP + pair[None, :]
+        cs = tl.load(tbase, mask=m, other=0.0).to(tl.float32)
+        sn = tl.load(tbase + DP // 2, mask=m, other=0.0).to(tl.float32)
+        oe = cs * xe - sn * xo
+        oo = sn * xe + cs * xo
+    else:
+        fbase = F + b.to(tl.int64) * fsb + h.to(tl.int64) * fsh + rows.to(tl.int64)[:, None] * fsn + 4 * pair[None, :]
+        oe = (tl.load(fbase, mask=m, other=0.0).to(tl.float32) * xe
+              + tl.load(fbase + 1, mask=m, other=0.0).to(tl.float32) * xo)
+        oo = (tl.load(fbase + 2, mask=m, other=0.0).to(tl.float32) * xe
+              + tl.load(fbase + 3, mask=m, other=0.0).to(tl.float32) * xo)
+    return tl.reshape(tl.join(oe, oo), [R, DP])
+
+
+@triton.jit
 def _abs_nonfinite_inf(x):
     """|x| with NaN and +-inf mapped to +inf (the marker for 'non-finite')."""
     a = tl.abs(x)
@@ -60,10 +120,13 @@ def _colstats_kernel(
     V, vsb, vsh, vsn, vsd,
     KSUM, VMAX, VFIX,
     HK, N, D, STRIDE, NS, NCHUNK,
-    DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr, PDL: tl.constexpr = False,
+    F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
+    DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr = False, RS: tl.constexpr = 8,
+    PDL: tl.constexpr = False,
 ):
     """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's ``R`` sampled
-    tokens (sample i is token ``i*STRIDE``, i < NS). Chunk 0 zeroes ``VFIX[bh, :DP]``."""
+    tokens (sample i is token ``i*STRIDE``, i < NS). Chunk 0 zeroes ``VFIX[bh, :DP]``. With ROPE the
+    sampled K rows are rotated first (:func:`_rope`, ``RS`` rows at a time), as the K blocks will be."""
     pdl_start(PDL)
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -72,10 +135,19 @@ def _colstats_kernel(
     cols = tl.arange(0, DP)
     i = c * R + tl.arange(0, R)
     rows = tl.where(i < NS, i * STRIDE, N)  # N: masked off by _load_tile
-    kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D, EVEN_D)
+    if ROPE:  # in pieces of RS rows (the rotation needs ~4 live values per element)
+        ksum = tl.zeros([DP], dtype=tl.float32)
+        for t in range(0, R // RS):
+            j = c * R + t * RS + tl.arange(0, RS)
+            rk = tl.where(j < NS, j * STRIDE, N)
+            kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rk, cols, N, D, EVEN_D)
+            ksum += tl.sum(_rope(kx, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, b, hk, rk, N, D, RS, DP), 0)
+    else:
+        kx, _ = _load_tile(K, ksb, ksh, ksn, ksd, b, hk, rows, cols, N, D, EVEN_D)
+        ksum = tl.sum(kx, 0)
     vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
     out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
-    tl.store(KSUM + out, tl.sum(kx, 0))
+    tl.store(KSUM + out, ksum)
     tl.store(VMAX + out, tl.max(_abs_nonfinite_inf(vx), 0))
     if c == 0:
         tl.store(VFIX + bh.to(tl.int64) * DP + cols, tl.zeros([DP], dtype=tl.float32))
@@ -142,8 +214,12 @@ def _store_int8(X8, bh, N_PAD, DP: tl.constexpr, rows, cols, y):
 
 
 @triton.jit
-def _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER: tl.constexpr, EVEN_D: tl.constexpr):
+def _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER: tl.constexpr, EVEN_D: tl.constexpr,
+                  F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE: tl.constexpr, R: tl.constexpr,
+                  DP: tl.constexpr):
     x, valid = _load_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
+    if ROPE:
+        x = _rope(x, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, b, h, rows, N, D, R, DP)
     if CENTER:
         x = tl.where(valid, x - mean[None, :], 0.0)
     return x
@@ -154,14 +230,16 @@ def _qk_block(
     X, sb, sh, sn, sd,
     KSUM, X8, XS, POOL, SIM, blk, bh,
     HX, N, D, N_PAD, NB, mult, NCHUNK, NS,
+    F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
-    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr,
+    CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr, ROPE: tl.constexpr,
 ):
     """Pool, self-similarity and INT8 quantization of block ``blk`` of head ``bh`` of X (Q or K).
 
     Writes ``X8[bh, rows, :DP]`` (int8, padded rows and channels are 0), the scale ``XS`` (per token
     ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
-    and ``SIM[bh, blk]``. With CENTER the mean of the ``NS`` sampled tokens (from the ``KSUM`` chunk sums)
+    and ``SIM[bh, blk]``. With ROPE the rows are rotated (:func:`_rope`) as they are loaded, so
+    everything here sees rotated tokens. With CENTER the mean of the ``NS`` sampled tokens (from the ``KSUM`` chunk sums)
     is subtracted first.
 
     The block is streamed in ``SUB``-row pieces (few registers per program, so many programs per SM
@@ -184,7 +262,8 @@ def _qk_block(
     amax_blk = tl.zeros([], dtype=tl.float32)
     for t in range(0, BLK // SUB):
         rows = blk * BLK + t * SUB + tl.arange(0, SUB)
-        x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
+        x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D,
+                           F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE, SUB, DP)
         a = _abs_nonfinite_inf(x)
         amax = tl.max(a, 1)
         amax_blk = tl.maximum(amax_blk, tl.max(amax, 0))
@@ -207,7 +286,8 @@ def _qk_block(
         if SUB < BLK:
             for t in range(0, BLK // SUB):
                 rows = blk * BLK + t * SUB + tl.arange(0, SUB)
-                x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D)
+                x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D,
+                           F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE, SUB, DP)
                 _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
         tl.store(XS + bh.to(tl.int64) * NB + blk, _stored_scale(scale, amax_blk, mult))
 
@@ -218,27 +298,30 @@ def _qk_prep_kernel(
     K, ksb, ksh, ksn, ksd, K8, KS, POOL_K, SIM_K, HK, NK, NK_PAD, NKB,
     KSUM, D, NCHUNK, NS, Q_PROGRAMS, K_PROGRAMS,
     V, vsb, vsh, vsn, vsd, VMAX, VFIX, V8, VS, vmax_target, v_limit,
+    F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
     BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr, EVEN_D: tl.constexpr,
     SUB_Q: tl.constexpr, SUB_K: tl.constexpr, HAS_V: tl.constexpr = False, SUB_V: tl.constexpr = 32,
     FP8: tl.constexpr = True, INTERPRET: tl.constexpr = False, SM90_ORDER: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """One launch for the Q, K (and with HAS_V the V) blocks: programs ``0 .. Q_PROGRAMS-1`` take Q block
     ``pid % NQB`` of head ``pid // NQB`` (:func:`_qk_block`, one INT8 scale per token, ``q_mult`` folded
     in); the next ``K_PROGRAMS`` the K blocks in the same order (centred by the sampled token mean, one
     scale per block); the rest the V blocks (:func:`_v_prep_one`, in pieces of ``SUB_V`` rows).
-    One launch instead of three: the later kinds fill the SMs while the last programs of the earlier run."""
+    One launch instead of three: the later kinds fill the SMs while the last programs of the earlier run.
+    With ROPE, Q and K are rotated by ``F`` (strides ``fsb``, ``fsh``, ``fsn`` per batch, head and token)
+    as they are read; V is not."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     if pid < Q_PROGRAMS:
         _qk_block(Q, qsb, qsh, qsn, qsd, KSUM, Q8, QS, POOL_Q, SIM_Q, pid % NQB, pid // NQB,
-                  H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS,
-                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q)
+                  H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
+                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q, ROPE)
     elif pid < Q_PROGRAMS + K_PROGRAMS:
         pk = pid - Q_PROGRAMS
         _qk_block(K, ksb, ksh, ksn, ksd, KSUM, K8, KS, POOL_K, SIM_K, pk % NKB, pk // NKB,
-                  HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS,
-                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K)
+                  HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
+                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K, ROPE)
     else:
         if HAS_V:
             pv = pid - Q_PROGRAMS - K_PROGRAMS

@@ -11,6 +11,7 @@ Everything here is written for clarity, not speed, and computes in ``float64`` o
   kernel's online loop with its quantization and the stage-2 P.V skip.
 * :func:`dense_attention` - plain attention in high precision (the "truth").
 * :func:`metrics` - relative L1, cosine similarity and RMSE.
+* :func:`apply_rope` - the rotary embedding that ``sparge_attn(..., rope=)`` applies to q and k.
 
 Tensors here are always ``HND`` = (B, H, N, D); :func:`to_hnd` converts.
 """
@@ -28,6 +29,7 @@ LOG2E = 1.4426950408889634
 
 __all__ = [
     "to_hnd",
+    "apply_rope",
     "block_stats",
     "predict_block_mask",
     "pooled_map",
@@ -54,6 +56,18 @@ def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
     elif layout != "HND":
         raise ValueError(f"layout must be 'HND' or 'NHD', got {layout!r}")
     return x.to(_work_dtype(x.device))
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor, layout: str = "HND") -> torch.Tensor:
+    """``x`` (B, H, N, D) or (B, N, H, D) rotated by ``rope`` (B or 1, H or 1, N' >= N, D/2, 2, 2) in the same
+    layout: ``x'[2i+r] = F[i, r, 0] * x[2i] + F[i, r, 1] * x[2i+1]``, ComfyUI's formula, in the working
+    precision (returned in it, in ``layout``)."""
+    n = x.shape[2 if layout == "HND" else 1]
+    f = rope[:, :, :n] if layout == "HND" else rope[:, :n]
+    w = _work_dtype(x.device)
+    pairs = x.to(w).reshape(*x.shape[:-1], -1, 1, 2)
+    f = f.to(w)
+    return (f[..., 0] * pairs[..., 0] + f[..., 1] * pairs[..., 1]).reshape(x.shape)
 
 
 def _per_head(value, h: int, like: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ _DTYPES = {
     torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8",
     torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv",
 }
-KERNELS = ["_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_v_fix_kernel", "_scores_kernel", "_select_kernel",
+KERNELS = ["_rope_table_kernel", "_colstats_kernel", "_qk_prep_kernel", "_v_prep_kernel", "_v_fix_kernel", "_scores_kernel", "_select_kernel",
            "_attn_kernel", "_attn_kernel_sm90", "_stats_kernel"]
 _GL_DTYPES = {torch.int8: "i8", torch.float8_e4m3fn: "fp8e4nv", torch.float16: "fp16"}
 
@@ -134,6 +134,10 @@ def drive(arch: int, full: bool):
                     one = q[:, :, :1]  # one key token: NKB == Nk == 1, which Triton turns into constants
                     A.sparge_attn(q, one, one, mode="topk", topk=1.0, pv_threshold=thr, pv_dtype=pv)
             A.predict_block_mask(q, q, mode="topk")
+            if d % 2 == 0:  # RoPE in the preparation (Flux's pe: one rotation per token for every head)
+                a = torch.rand(1, 1, 300, d // 2)
+                pe = torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], -1).reshape(1, 1, 300, d // 2, 2, 2)
+                A.sparge_attn(q, q, q, mode="topk", topk=0.5, pv_dtype=pvs[0], rope=pe)
     if fp8:  # 128-row programs (the Hopper kernel's choice at Wan / HunyuanVideo grids)
         A.ATTN_CONFIG_OVERRIDE["block_m"] = 128
         try:
