@@ -11,6 +11,10 @@ registers, under the key ``"spargeattn"``:
   and on ComfyUI versions that pass the run's model options, re-installs the override there too;
 * ``ON_PRE_RUN`` / ``ON_CLEANUP``: start and finish the run's statistics.
 
+For Flux-family models (Flux, HunyuanVideo) whose blocks offer an ``attn1_patch`` with the rotary
+embedding (ComfyUI versions after 0.8), it also adds a :class:`~.override.DeferredRope` patch, so that
+sparse calls apply RoPE inside the kernel (``SPARGEATTN_FUSE_ROPE=0`` turns this off).
+
 Nothing outside the clone is changed: no ComfyUI module, no shared diffusion model.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -25,8 +30,8 @@ from comfy_api.latest import io
 
 from . import tuned_folder
 from .adapters import UNKNOWN, latent_grid, model_family
-from .override import (MODES, PRECISIONS, TOKEN_ORDERS, KernelAPI, SpargeConfig, SpargeState, install, load_kernel,
-                       parse_dense_blocks)
+from .override import (MODES, PRECISIONS, TOKEN_ORDERS, DeferredRope, KernelAPI, SpargeConfig, SpargeState, install,
+                       load_kernel, parse_dense_blocks)
 from .presets import model_signature
 from .ui import report_to_browser
 
@@ -36,6 +41,37 @@ KEY = "spargeattn"
 def _sigma(t) -> float:
     """The evaluation's noise level as a host float (one read per evaluation, not per call)."""
     return float(t.max())
+
+
+#: ``SPARGEATTN_FUSE_ROPE=0`` (read per patch) keeps RoPE in ComfyUI for every call
+def _fuse_rope_enabled() -> bool:
+    return os.environ.get("SPARGEATTN_FUSE_ROPE", "1") != "0"
+
+
+def flux_rope(diffusion_model):
+    """ComfyUI's ``apply_rope(q, k, pe)`` when ``diffusion_model``'s blocks are the Flux-family blocks of
+    ``comfy.ldm.flux.layers`` that call ``attn1_patch(q, k, v, pe=..., ...)`` before their attention (and
+    attention goes through the override wrapper), else None."""
+    try:
+        import inspect
+
+        import comfy.ldm.flux.layers as flux_layers
+        import comfy.ldm.flux.math as flux_math
+        import comfy.ldm.modules.attention as attention
+    except ImportError:
+        return None
+    blocks = getattr(diffusion_model, "double_blocks", None) or getattr(diffusion_model, "single_blocks", None)
+    if not blocks or not isinstance(blocks[0], (flux_layers.DoubleStreamBlock, flux_layers.SingleStreamBlock)):
+        return None
+    if not hasattr(attention, "wrap_attn") or not hasattr(flux_math, "apply_rope"):
+        return None
+    try:
+        source = inspect.getsource(type(blocks[0]).forward)
+    except (OSError, TypeError):
+        return None
+    if "attn1_patch" not in source or "pe=pe" not in source:
+        return None
+    return flux_math.apply_rope
 
 
 def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
@@ -110,6 +146,10 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
     patched.add_callback_with_key(cb.ON_CLEANUP, KEY, lambda patcher: state.end_run())
     patched.add_wrapper_with_key(wr.APPLY_MODEL, KEY, apply_model_wrapper)
     patched.set_attachments(KEY, state)  # found again by the "SpargeAttn Sparsity Map" node
+    rotate = flux_rope(diffusion_model) if _fuse_rope_enabled() else None
+    if rotate is not None:
+        state.rotate = rotate
+        patched.set_model_attn1_patch(DeferredRope(state))
     if family == UNKNOWN and config.protect_text:
         logging.warning("SpargeAttn Patch: the token order of %s is unknown to this pack; joint text+image "
                         "attention stays dense (turn protect_text off to make it sparse without text "

@@ -90,8 +90,13 @@ class RecordingKernel:
         self.calls = []
         self.api = override.KernelAPI(self.attn, lambda device: None, range(1, 257))
 
-    def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, **options):
-        self.calls.append(dict(shape=tuple(q.shape), layout=layout, keep_ranges=keep_ranges, **options))
+    def attn(self, q, k, v, *, layout, scale, keep_ranges, return_stats, rope=None, **options):
+        self.calls.append(dict(shape=tuple(q.shape), layout=layout, keep_ranges=keep_ranges, rope=rope is not None,
+                               **options))
+        if rope is not None:  # what the kernel does with it (kernels.reference.apply_rope is its specification)
+            from sparge_pack.kernels.reference import apply_rope
+
+            q, k = (apply_rope(x, rope, layout).to(x.dtype) for x in (q, k))
         t = (lambda x: x) if layout == "HND" else (lambda x: x.transpose(1, 2))
         out = t(F.scaled_dot_product_attention(t(q), t(k), t(v), scale=scale))
         h = q.shape[1] if layout == "HND" else q.shape[2]

@@ -84,6 +84,31 @@ def test_override_fires_for_self_attention_with_layout_and_text_range(comfy, mod
         assert dense == {}
 
 
+@pytest.mark.parametrize("kind", ["flux", "hunyuan_video"])
+@pytest.mark.parametrize("case", ["fused", "env off", "later attn1_patch"])
+def test_flux_family_rope_goes_into_the_kernel(comfy, models, kind, case, monkeypatch):
+    """ComfyUI's Flux blocks hand ``pe`` to our attn1_patch: sparse calls get q and k unrotated plus ``rope``
+    (the recording kernel rotates them as the real one does), and the sample matches the unpatched one.
+    Off with SPARGEATTN_FUSE_ROPE=0, and when another attn1_patch runs after ours."""
+    override, _ = comfy
+    if case == "env off":
+        monkeypatch.setenv("SPARGEATTN_FUSE_ROPE", "0")
+    kernel = RecordingKernel(override)
+    model = models[kind]
+    patched, state = patch(comfy, model, kernel, topk=0.4)
+    seen = []
+    if case == "later attn1_patch":
+        patched.set_model_attn1_patch(lambda q, k, v, pe=None, **kw: seen.append(pe is not None) or {})
+    latent = latent_for(kind)
+    out = sample(patched, kind, latent)
+    torch.testing.assert_close(out, sample(model, kind, latent), atol=1e-4, rtol=1e-4)
+    assert len(kernel.calls) == 4
+    assert {c["rope"] for c in kernel.calls} == {case == "fused"}
+    assert state.rope_off is None and state._pending_rope is None
+    if case == "later attn1_patch":
+        assert seen == [True] * 4  # the later patch still saw pe
+
+
 def test_cross_attention_reason_reaches_the_verbose_log(comfy, models, caplog):
     override, _ = comfy
     patched, _ = patch(comfy, models["wan"], RecordingKernel(override), verbose=True)

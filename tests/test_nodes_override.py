@@ -305,3 +305,125 @@ def test_parse_dense_blocks():
     assert ov.parse_dense_blocks("5-3;7") == {3, 4, 5, 7}
     with pytest.raises(ValueError, match="'0, 1, 47-49'"):
         ov.parse_dense_blocks("0, first")
+
+
+# ------------------------------------------------------------------------------------- deferred RoPE
+# ``flux_block`` replays what a ComfyUI Flux block does around attention (comfy.ldm.flux.layers /
+# flux.math.attention) to test the override's side of the hand-over; the real blocks are exercised by
+# tests/test_comfy_models.py.
+
+
+def _rotate_calls(log):
+    def rotate(q, k, pe):  # stands in for comfy.ldm.flux.math.apply_rope (same formula)
+        log.append((q, k))
+        return ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    return rotate
+
+
+def ov_ref_rope(x, pe):
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
+    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape)
+
+
+def _pe(n, d, b=1):
+    a = torch.rand(b, 1, n, d // 2, dtype=torch.float32) * 50
+    return torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], dim=-1).reshape(b, 1, n, d // 2, 2, 2)
+
+
+def flux_block(state, q, k, v, pe, patches, func_calls, mask=None):
+    options = {"patches": {"attn1_patch": patches}}
+    ov.install(state, options)
+    for p in patches:
+        out = p(q, k, v, pe=pe, attn_mask=mask, extra_options=options.copy())
+        q, k, v, pe = out.get("q", q), out.get("k", k), out.get("v", v), out.get("pe", pe)
+    if pe is not None:
+        q, k = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    return options["optimized_attention_override"](dense_backend(func_calls), q, k, v, 2, mask=mask, skip_reshape=True,
+                                                   skip_output_reshape=True, transformer_options=options,
+                                                   _inside_attn_wrapper=True)
+
+
+def _flux_state(kernel, rotations, **cfg):
+    state = make(TEXT_FIRST, kernel, protect_text=False, **cfg)
+    state.rotate = _rotate_calls(rotations)
+    return state
+
+
+def test_deferred_rope_reaches_the_kernel_unrotated():
+    kernel, rotations, func_calls = FakeKernel(), [], []
+    state = _flux_state(kernel, rotations)
+    q, k, v = qkv(layout="HND", d=16)
+    pe = _pe(40, 16)
+    patch = ov.DeferredRope(state)
+    flux_block(state, q, k, v, pe, [patch], func_calls)
+    assert len(kernel.calls) == 1 and kernel.calls[0]["rope"] is pe and kernel.calls[0]["q"] is q
+    assert rotations == [] and func_calls == [] and state._pending_rope is None
+
+
+def test_deferred_rope_is_applied_before_a_dense_call():
+    kernel, rotations, func_calls = FakeKernel(), [], []
+    state = _flux_state(kernel, rotations, min_tokens=1000)  # 40 tokens: dense
+    q, k, v = qkv(layout="HND", d=16)
+    pe = _pe(40, 16)
+    out = flux_block(state, q, k, v, pe, [ov.DeferredRope(state)], func_calls)
+    qr, kr = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    assert kernel.calls == [] and len(rotations) == 1 and rotations[0][0] is q
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(qr, kr, v))
+    assert reasons(state) == {ov.MIN_TOKENS: 1}
+
+
+@pytest.mark.parametrize("case", ["later patch", "mask", "foreign override", "no rotate"])
+def test_rope_stays_in_the_block_when_something_could_come_between(case):
+    kernel, rotations, func_calls = FakeKernel(), [], []
+    state = _flux_state(kernel, rotations)
+    q, k, v = qkv(layout="HND", d=16)
+    pe = _pe(40, 16)
+    patches = [ov.DeferredRope(state)]
+    mask = None
+    if case == "later patch":
+        patches.append(lambda q, k, v, **kw: {})
+    elif case == "mask":
+        mask = torch.zeros(1, 1, 40, 40)
+    elif case == "foreign override":
+        patches = [ov.DeferredRope(_flux_state(FakeKernel(), []))]
+    else:
+        state.rotate = None
+    out = flux_block(state, q, k, v, pe, patches, func_calls, mask=mask)
+    assert state._pending_rope is None and rotations == []
+    assert all("rope" not in c for c in kernel.calls)
+    qr, kr = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask))
+
+
+def test_deferred_rope_turns_itself_off_when_a_call_bypassed_the_override(caplog):
+    kernel, rotations = FakeKernel(), []
+    state = _flux_state(kernel, rotations)
+    q, k, v = qkv(layout="HND", d=16)
+    pe = _pe(40, 16)
+    assert state.defer_rope(q, k, pe)
+    with caplog.at_level("WARNING", logger="spargeattn"):
+        assert not state.defer_rope(q, k, pe)  # the first call never reached the override
+    assert state.rope_off and "did not reach the SpargeAttn override" in caplog.text
+    assert state.take_rope(q, k) is None and not state.defer_rope(q, k, pe)
+
+
+def test_deferred_rope_passes_through_declared_pass_through_overrides():
+    kernel, rotations, func_calls = FakeKernel(), [], []
+    state = _flux_state(kernel, rotations)
+    q, k, v = qkv(layout="HND", d=16)
+    pe = _pe(40, 16)
+    patch = ov.DeferredRope(state)
+    options = {"patches": {"attn1_patch": [patch]}}
+    ov.install(state, options)
+    ours = options["optimized_attention_override"]
+
+    def timer(func, *args, **kwargs):  # e.g. bench_e2e's attention timer
+        return ours(func, *args, **kwargs)
+
+    options["optimized_attention_override"] = timer
+    assert patch(q, k, v, pe=pe, attn_mask=None, extra_options=options.copy()) == {}  # undeclared: kept
+    timer.spargeattn_next = ours
+    assert patch(q, k, v, pe=pe, attn_mask=None, extra_options=options.copy()) == {"pe": None}
+    timer(dense_backend(func_calls), q, k, v, 2, skip_reshape=True, skip_output_reshape=True,
+          transformer_options=options, _inside_attn_wrapper=True)
+    assert kernel.calls[0]["rope"] is pe and state._pending_rope is None
