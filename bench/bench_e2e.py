@@ -15,7 +15,10 @@ noise in every configuration:
   with top-k 1.0 / 0.5 / 0.3 from the first step on (start_percent 0, no dense blocks, min_tokens 0,
   sim_threshold -1 so that only top-k decides, text protected, P·V skip off);
 * ``topk0.5-hilbert`` (optional): top-k 0.5 in Hilbert token order;
-* ``topk0.5-accurate`` (optional): top-k 0.5 with the node's "accurate" P·V precision (fp16).
+* ``topk0.5-accurate`` (optional): top-k 0.5 with the node's "accurate" P·V precision (fp16);
+* ``topk0.5-comfyrope`` (optional): top-k 0.5 with RoPE left to ComfyUI (``SPARGEATTN_FUSE_ROPE=0``); the
+  other patched configurations of Flux and HunyuanVideo rotate q and k inside the kernel (the record's
+  ``rope_in_kernel`` counts those calls per step).
 
 Random weights give attention without the local structure of a trained model (q·k logits of
 random vectors), so the cdf mode would keep almost every block; the speed table therefore uses
@@ -112,10 +115,12 @@ CONFIGS = {
     "topk0.3": dict(topk=0.3),
     "topk0.5-hilbert": dict(topk=0.5, token_order="hilbert"),
     "topk0.5-accurate": dict(topk=0.5, precision="accurate"),
+    "topk0.5-comfyrope": dict(topk=0.5, fuse_rope=False),
 }
 DEFAULT_CONFIGS = "unpatched,full,topk0.5,topk0.3"
 # Step time relative to unpatched, for the time budget only (pessimistic).
-COST = {"unpatched": 1.0, "full": 1.4, "topk0.5": 0.85, "topk0.3": 0.7, "topk0.5-hilbert": 0.9, "topk0.5-accurate": 0.9}
+COST = {"unpatched": 1.0, "full": 1.4, "topk0.5": 0.85, "topk0.3": 0.7, "topk0.5-hilbert": 0.9, "topk0.5-accurate": 0.9,
+        "topk0.5-comfyrope": 0.85}
 COMPILE_S = 60.0  # first patched run of the process: Triton compiles the kernels
 
 
@@ -158,6 +163,7 @@ class AttentionTimer:
             return out
 
         timed.timer = self
+        timed.spargeattn_next = previous  # hands every call down unchanged (nodes/override.py DeferredRope)
         return timed
 
     def attach(self, patcher) -> None:
@@ -257,7 +263,17 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
     if options is None:
         patched, state = model.clone(), None
     else:
-        patched, state = apply_sparge(model, **{**COMMON, **options})
+        options = dict(options)
+        fuse = options.pop("fuse_rope", True)
+        saved = os.environ.get("SPARGEATTN_FUSE_ROPE")
+        os.environ["SPARGEATTN_FUSE_ROPE"] = "1" if fuse else "0"  # read by apply_sparge
+        try:
+            patched, state = apply_sparge(model, **{**COMMON, **options})
+        finally:
+            if saved is None:
+                os.environ.pop("SPARGEATTN_FUSE_ROPE")
+            else:
+                os.environ["SPARGEATTN_FUSE_ROPE"] = saved
     if args.compile:
         # what ComfyUI's TorchCompileModel node does; no attention timer then (it would add graph breaks
         # around the unpatched model's attention)
@@ -311,6 +327,7 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
             dense_calls_per_step={k: v / max(1, len(run.steps)) for k, v in totals["dense_calls"].items()},
         )
         rec["plan_replays"] = Plan.replays - replays  # sparse calls that replayed a launch plan
+        rec["rope_in_kernel"] = getattr(state, "rope_calls", 0) / max(1, len(run.steps))  # per step
         if totals["sparse_calls"] == 0:
             rec["warning"] = "no attention call ran sparse"
     return rec, out
@@ -469,10 +486,12 @@ def render(results: dict) -> str:
               "Host µs/call: median wall time of the attention override's Python and launches per call (it "
               "includes waits for a full launch queue when the GPU is far behind, as in the video models); plan "
               "replays: sparse calls served by a recorded launch plan (`kernels/launch.py`; calls with "
-              "B·H·Nq·Nk > 2³⁶ use the normal path).", "",
+              "B·H·Nq·Nk > 2³⁶ use the normal path). RoPE in kernel: sparse calls per step that rotated q and k inside "
+              "the kernel instead of in ComfyUI (Flux and HunyuanVideo; — in results from before it existed).", "",
               "## Details", "",
               "| model | config | steps | s/step | attention ms/step | attention share | density | sparse calls/step | "
-              "dense calls/step | relL1 | cosine | RMSE | peak GiB | host µs/call | plan replays |", "|" + "---|" * 15]
+              "dense calls/step | relL1 | cosine | RMSE | peak GiB | host µs/call | plan replays | RoPE in kernel/step |",
+              "|" + "---|" * 16]
     for row in results["models"].values():
         for name, rec in row["configs"].items():
             attn = None if rec["attention_share"] is None else statistics.median(rec["attention_ms"][row["warmup"]:])
@@ -483,11 +502,11 @@ def render(results: dict) -> str:
                 f"| {fmt(rec.get('density'), '.3f')} | {fmt(rec.get('sparse_calls_per_step'), 'g')} | {dense or '—'} "
                 f"| {fmt(rec.get('rel_l1'), '.3g')} | {fmt(rec.get('cosine'), '.6f')} | {fmt(rec.get('rmse'), '.3g')} "
                 f"| {fmt(rec.get('peak_gib'), '.1f')} | {fmt(rec.get('host_us_per_call'), '.0f')} "
-                f"| {fmt(rec.get('plan_replays'), 'd')} |")
+                f"| {fmt(rec.get('plan_replays'), 'd')} | {fmt(rec.get('rope_in_kernel'), 'g')} |")
         for name, error in row.get("errors", {}).items():
-            lines.append(f"| {row['label']} | {name}: {error} |" + " |" * 13)
+            lines.append(f"| {row['label']} | {name}: {error} |" + " |" * 14)
         if row["skipped"]:
-            lines.append(f"| {row['label']} | skipped (time budget): {', '.join(row['skipped'])} |" + " |" * 13)
+            lines.append(f"| {row['label']} | skipped (time budget): {', '.join(row['skipped'])} |" + " |" * 14)
     return "\n".join(lines) + "\n"
 
 

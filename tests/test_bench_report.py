@@ -16,6 +16,8 @@ RESULTS = os.path.join(ROOT, "bench", "results", "h200_e2e.json")
 RESULTS_COMFYUI080 = os.path.join(ROOT, "bench", "results", "h200_e2e_comfyui080.json")
 #: the 16:11 UTC runs (comfy-kitchen's eager RoPE), whose Wan 2.1-14B row sits just under its target
 RESULTS_EAGER_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_eager_rope.json")
+#: Flux with RoPE in the kernel (default) and left to ComfyUI (topk0.5-comfyrope), 2026-12-04
+RESULTS_FLUX_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_flux_rope.json")
 
 
 def _bench_e2e():
@@ -42,7 +44,7 @@ def _load(path):
 
 def test_speedups_are_judged_against_the_targets_unrounded():
     E = _bench_e2e()
-    for path in (RESULTS, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE):
+    for path in (RESULTS, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE, RESULTS_FLUX_ROPE):
         results = _load(path)
         rows = _summary_rows(E.render(results))
         assert set(rows) == {r["label"] for r in results["models"].values()}
@@ -66,3 +68,18 @@ def test_the_report_names_the_rope_that_ran():
     for path in (RESULTS, RESULTS_COMFYUI080):
         assert "RoPE: comfy-kitchen 0.2.40, cuda backend;" in E.render(_load(path))
     assert "RoPE: not recorded;" in E.render(_load(RESULTS_EAGER_ROPE))  # runs from before the field existed
+
+
+def test_the_details_count_the_calls_that_rotated_in_the_kernel():
+    E = _bench_e2e()
+    rows = {}
+    for line in E.render(_load(RESULTS_FLUX_ROPE)).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 16 and cells[0] == "Flux.1 1024²":
+            rows[cells[1]] = cells
+    assert rows["topk0.5"][15] == "57" and rows["topk0.5-comfyrope"][15] == "0" and rows["unpatched"][15] == "—"
+    assert "topk0.5-comfyrope" in E.CONFIGS and E.CONFIGS["topk0.5-comfyrope"]["fuse_rope"] is False
+    for line in E.render(_load(RESULTS)).splitlines():  # older results have no such field
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 16 and cells[1] == "topk0.5":
+            assert cells[15] == "—"
