@@ -540,6 +540,9 @@ class DeferredRope:
     def __deepcopy__(self, memo):
         return self
 
+    # as SpargeOverride.__call__: under TorchCompileModel this runs eagerly (a graph break), so that the
+    # hand-over to the override happens on real tensors at every call
+    @torch.compiler.disable
     def __call__(self, q, k, v, pe=None, attn_mask=None, extra_options=None, **_):
         state = self.state
         options = extra_options if isinstance(extra_options, dict) else {}

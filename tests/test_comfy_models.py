@@ -228,3 +228,21 @@ def test_torch_compile_model_node_keeps_every_per_step_decision(comfy, models):
     assert _graphs() == g1
     assert len(kernel_comp.calls) == 2 * len(kernel_eager.calls)
     assert len(s_comp.last_run.steps) == 4
+
+
+def test_torch_compile_model_node_with_rope_in_the_kernel(comfy, models):
+    """Flux under TorchCompileModel: the attn1_patch that takes pe off the block runs eagerly too, every
+    sparse call still gets rope, and the output matches the patched model run eagerly."""
+    override, _ = comfy
+    latent = latent_for("flux")
+    kernel_eager, kernel_comp = RecordingKernel(override), RecordingKernel(override)
+    eager, _ = patch(comfy, models["flux"], kernel_eager)
+    comp, s_comp = patch(comfy, models["flux"], kernel_comp)
+    comp = _compiled(comp)
+    torch._dynamo.reset()
+    out_eager = sample(eager, "flux", latent)
+    out_comp = sample(comp, "flux", latent)
+    torch.testing.assert_close(out_comp, out_eager, atol=1e-4, rtol=1e-4)
+    assert len(kernel_comp.calls) == len(kernel_eager.calls) == 4
+    assert all(c["rope"] for c in kernel_comp.calls)
+    assert s_comp.rope_off is None and s_comp.rope_calls == 4
