@@ -16,7 +16,7 @@ noise in every configuration:
   sim_threshold -1 so that only top-k decides, text protected, P·V skip off);
 * ``topk0.5-hilbert`` (optional): top-k 0.5 in Hilbert token order;
 * ``topk0.5-accurate`` (optional): top-k 0.5 with the node's "accurate" P·V precision (fp16);
-* ``topk0.5-comfyrope`` (optional): top-k 0.5 with RoPE left to ComfyUI (``SPARGEATTN_FUSE_ROPE=0``); the
+* ``topk0.5-comfyrope`` (optional): top-k 0.5 with RoPE left to ComfyUI (``apply_sparge(fuse_rope=False)``); the
   other patched configurations of Flux and HunyuanVideo rotate q and k inside the kernel (the record's
   ``rope_in_kernel`` counts those calls per step).
 
@@ -263,17 +263,7 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
     if options is None:
         patched, state = model.clone(), None
     else:
-        options = dict(options)
-        fuse = options.pop("fuse_rope", True)
-        saved = os.environ.get("SPARGEATTN_FUSE_ROPE")
-        os.environ["SPARGEATTN_FUSE_ROPE"] = "1" if fuse else "0"  # read by apply_sparge
-        try:
-            patched, state = apply_sparge(model, **{**COMMON, **options})
-        finally:
-            if saved is None:
-                os.environ.pop("SPARGEATTN_FUSE_ROPE")
-            else:
-                os.environ["SPARGEATTN_FUSE_ROPE"] = saved
+        patched, state = apply_sparge(model, **{**COMMON, **options})
     if args.compile:
         # what ComfyUI's TorchCompileModel node does; no attention timer then (it would add graph breaks
         # around the unpatched model's attention)
@@ -327,7 +317,7 @@ def run_config(model, name, spec, latent, args, timer, device, ref):
             dense_calls_per_step={k: v / max(1, len(run.steps)) for k, v in totals["dense_calls"].items()},
         )
         rec["plan_replays"] = Plan.replays - replays  # sparse calls that replayed a launch plan
-        rec["rope_in_kernel"] = getattr(state, "rope_calls", 0) / max(1, len(run.steps))  # per step
+        rec["rope_in_kernel"] = state.rope_calls / max(1, len(run.steps))  # per step
         if totals["sparse_calls"] == 0:
             rec["warning"] = "no attention call ran sparse"
     return rec, out

@@ -84,8 +84,7 @@ def _rope(x, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, b, h, rows, N, D, R: 
     ``out[2i+r] = F[i, r, 0] * x[2i] + F[i, r, 1] * x[2i+1]`` with ``F`` the token's (D/2, 2, 2) matrices
     (ComfyUI's ``pe`` / ``freqs_cis`` format; the token's 2*D values contiguous), any float dtype.
 
-    The channel pairs are split off the tile (each thread holds whole pairs of its vector loads, so the
-    split and the join are free). The matrices come from the fp16 cos/sin table ``T`` of
+    The channel pairs are split off the tile in registers (no second load of x). The matrices come from the fp16 cos/sin table ``T`` of
     :func:`_rope_table_kernel`, or from ``F`` for a piece holding a token that ``BAD`` marks. Padded
     channels (c >= D) and tokens (>= N) come out 0."""
     xe, xo = tl.split(tl.reshape(x, [R, DP // 2, 2]))

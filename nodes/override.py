@@ -502,7 +502,7 @@ class SpargeOverride:
         if state._delegating:
             # Re-entered through an override that was chained below us: the call was decided already.
             return dense()
-        rope = state.take_rope(q, k) if state._pending_rope is not None else None
+        rope = state.take_rope(q, k)
         view = view_call(q, k, v, heads, skip_reshape)
         decision = state.decide(view, mask, kwargs)
         if rope is not None and (isinstance(decision, Dense) or state.tuner is not None or view.layout != "HND"):

@@ -76,7 +76,7 @@ def flux_rope(diffusion_model):
 
 def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0, dense_blocks: str = "",
                  kernel: KernelAPI | None = None, node_id: str | None = None, thresholds=None, tuner=None,
-                 **options):
+                 fuse_rope: bool | None = None, **options):
     """Clone ``model`` (a ComfyUI ModelPatcher) with SpargeAttn installed.
 
     Parameters
@@ -94,6 +94,9 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
         Tuned per-layer, per-head thresholds (checked against the model's shape here).
     tuner : tune.Tuner, optional
         Tune mode (the "SpargeAttn Tune" node).
+    fuse_rope : bool, optional
+        Flux-family models: rotate q and k inside the kernel (:class:`~.override.DeferredRope`); None (default):
+        yes unless the environment has ``SPARGEATTN_FUSE_ROPE=0``.
     **options
         The remaining :class:`~.override.SpargeConfig` fields (mode, topk, ...).
 
@@ -146,7 +149,9 @@ def apply_sparge(model, *, start_percent: float = 0.0, end_percent: float = 1.0,
     patched.add_callback_with_key(cb.ON_CLEANUP, KEY, lambda patcher: state.end_run())
     patched.add_wrapper_with_key(wr.APPLY_MODEL, KEY, apply_model_wrapper)
     patched.set_attachments(KEY, state)  # found again by the "SpargeAttn Sparsity Map" node
-    rotate = flux_rope(diffusion_model) if _fuse_rope_enabled() else None
+    if fuse_rope is None:
+        fuse_rope = _fuse_rope_enabled()
+    rotate = flux_rope(diffusion_model) if fuse_rope else None
     if rotate is not None:
         state.rotate = rotate
         patched.set_model_attn1_patch(DeferredRope(state))

@@ -85,17 +85,18 @@ def test_override_fires_for_self_attention_with_layout_and_text_range(comfy, mod
 
 
 @pytest.mark.parametrize("kind", ["flux", "hunyuan_video"])
-@pytest.mark.parametrize("case", ["fused", "env off", "later attn1_patch"])
+@pytest.mark.parametrize("case", ["fused", "env off", "argument off", "later attn1_patch"])
 def test_flux_family_rope_goes_into_the_kernel(comfy, models, kind, case, monkeypatch):
     """ComfyUI's Flux blocks hand ``pe`` to our attn1_patch: sparse calls get q and k unrotated plus ``rope``
     (the recording kernel rotates them as the real one does), and the sample matches the unpatched one.
-    Off with SPARGEATTN_FUSE_ROPE=0, and when another attn1_patch runs after ours."""
+    Off with SPARGEATTN_FUSE_ROPE=0 or ``apply_sparge(fuse_rope=False)``, and when another attn1_patch runs
+    after ours."""
     override, _ = comfy
     if case == "env off":
         monkeypatch.setenv("SPARGEATTN_FUSE_ROPE", "0")
     kernel = RecordingKernel(override)
     model = models[kind]
-    patched, state = patch(comfy, model, kernel, topk=0.4)
+    patched, state = patch(comfy, model, kernel, topk=0.4, **({"fuse_rope": False} if case == "argument off" else {}))
     seen = []
     if case == "later attn1_patch":
         patched.set_model_attn1_patch(lambda q, k, v, pe=None, **kw: seen.append(pe is not None) or {})

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparge_pack.kernels.reference import apply_rope
 from sparge_pack.nodes import override as ov
 from sparge_pack.nodes.adapters import TEXT_FIRST, VIDEO
 from sparge_pack.nodes.hilbert import sequence_permutation
@@ -313,16 +314,16 @@ def test_parse_dense_blocks():
 # tests/test_comfy_models.py.
 
 
+def _rope(x, pe):
+    """ComfyUI's formula (``kernels.reference.apply_rope``), in x's dtype."""
+    return apply_rope(x, pe).to(x.dtype)
+
+
 def _rotate_calls(log):
     def rotate(q, k, pe):  # stands in for comfy.ldm.flux.math.apply_rope (same formula)
         log.append((q, k))
-        return ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+        return _rope(q, pe), _rope(k, pe)
     return rotate
-
-
-def ov_ref_rope(x, pe):
-    pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
-    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(x.shape)
 
 
 def _pe(n, d, b=1):
@@ -337,7 +338,7 @@ def flux_block(state, q, k, v, pe, patches, func_calls, mask=None):
         out = p(q, k, v, pe=pe, attn_mask=mask, extra_options=options.copy())
         q, k, v, pe = out.get("q", q), out.get("k", k), out.get("v", v), out.get("pe", pe)
     if pe is not None:
-        q, k = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+        q, k = _rope(q, pe), _rope(k, pe)
     return options["optimized_attention_override"](dense_backend(func_calls), q, k, v, 2, mask=mask, skip_reshape=True,
                                                    skip_output_reshape=True, transformer_options=options,
                                                    _inside_attn_wrapper=True)
@@ -349,11 +350,16 @@ def _flux_state(kernel, rotations, **cfg):
     return state
 
 
-def test_deferred_rope_reaches_the_kernel_unrotated():
+def _flux_case(**cfg):
+    """(kernel, rotations, func_calls, state, q, k, v, pe) of one 40-token Flux-style call, head dim 16."""
     kernel, rotations, func_calls = FakeKernel(), [], []
-    state = _flux_state(kernel, rotations)
+    state = _flux_state(kernel, rotations, **cfg)
     q, k, v = qkv(layout="HND", d=16)
-    pe = _pe(40, 16)
+    return kernel, rotations, func_calls, state, q, k, v, _pe(40, 16)
+
+
+def test_deferred_rope_reaches_the_kernel_unrotated():
+    kernel, rotations, func_calls, state, q, k, v, pe = _flux_case()
     patch = ov.DeferredRope(state)
     flux_block(state, q, k, v, pe, [patch], func_calls)
     assert len(kernel.calls) == 1 and kernel.calls[0]["rope"] is pe and kernel.calls[0]["q"] is q
@@ -361,12 +367,9 @@ def test_deferred_rope_reaches_the_kernel_unrotated():
 
 
 def test_deferred_rope_is_applied_before_a_dense_call():
-    kernel, rotations, func_calls = FakeKernel(), [], []
-    state = _flux_state(kernel, rotations, min_tokens=1000)  # 40 tokens: dense
-    q, k, v = qkv(layout="HND", d=16)
-    pe = _pe(40, 16)
+    kernel, rotations, func_calls, state, q, k, v, pe = _flux_case(min_tokens=1000)  # 40 tokens: dense
     out = flux_block(state, q, k, v, pe, [ov.DeferredRope(state)], func_calls)
-    qr, kr = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    qr, kr = _rope(q, pe), _rope(k, pe)
     assert kernel.calls == [] and len(rotations) == 1 and rotations[0][0] is q
     torch.testing.assert_close(out, F.scaled_dot_product_attention(qr, kr, v))
     assert reasons(state) == {ov.MIN_TOKENS: 1}
@@ -374,10 +377,7 @@ def test_deferred_rope_is_applied_before_a_dense_call():
 
 @pytest.mark.parametrize("case", ["later patch", "mask", "foreign override", "no rotate"])
 def test_rope_stays_in_the_block_when_something_could_come_between(case):
-    kernel, rotations, func_calls = FakeKernel(), [], []
-    state = _flux_state(kernel, rotations)
-    q, k, v = qkv(layout="HND", d=16)
-    pe = _pe(40, 16)
+    kernel, rotations, func_calls, state, q, k, v, pe = _flux_case()
     patches = [ov.DeferredRope(state)]
     mask = None
     if case == "later patch":
@@ -391,15 +391,12 @@ def test_rope_stays_in_the_block_when_something_could_come_between(case):
     out = flux_block(state, q, k, v, pe, patches, func_calls, mask=mask)
     assert state._pending_rope is None and rotations == []
     assert all("rope" not in c for c in kernel.calls)
-    qr, kr = ov_ref_rope(q, pe), ov_ref_rope(k, pe)
+    qr, kr = _rope(q, pe), _rope(k, pe)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask))
 
 
 def test_deferred_rope_turns_itself_off_when_a_call_bypassed_the_override(caplog):
-    kernel, rotations = FakeKernel(), []
-    state = _flux_state(kernel, rotations)
-    q, k, v = qkv(layout="HND", d=16)
-    pe = _pe(40, 16)
+    _, _, _, state, q, k, v, pe = _flux_case()
     assert state.defer_rope(q, k, pe)
     with caplog.at_level("WARNING", logger="spargeattn"):
         assert not state.defer_rope(q, k, pe)  # the first call never reached the override
@@ -408,10 +405,7 @@ def test_deferred_rope_turns_itself_off_when_a_call_bypassed_the_override(caplog
 
 
 def test_deferred_rope_passes_through_declared_pass_through_overrides():
-    kernel, rotations, func_calls = FakeKernel(), [], []
-    state = _flux_state(kernel, rotations)
-    q, k, v = qkv(layout="HND", d=16)
-    pe = _pe(40, 16)
+    kernel, rotations, func_calls, state, q, k, v, pe = _flux_case()
     patch = ov.DeferredRope(state)
     options = {"patches": {"attn1_patch": [patch]}}
     ov.install(state, options)
