@@ -107,10 +107,17 @@ def _rope(x, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, b, h, rows, N, D, R: 
 
 
 @triton.jit
-def _abs_nonfinite_inf(x):
-    """|x| with NaN and +-inf mapped to +inf (the marker for 'non-finite')."""
-    a = tl.abs(x)
-    return tl.where(a == a, a, INF)
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along ``axis`` (all axes for None), +inf (the marker for 'non-finite') where a NaN or an inf
+    took part. One NaN-propagating max per element (FMNMX.NAN, |x| an operand modifier); the NaN test runs
+    on the reduced values (mapping NaN to inf per element first took three instructions per element)."""
+    m = tl.reduce(tl.abs(x), axis, _max_nan)
+    return tl.where(m == m, m, INF)
 
 
 @triton.jit
@@ -147,7 +154,7 @@ def _colstats_kernel(
     vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
     out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
     tl.store(KSUM + out, ksum)
-    tl.store(VMAX + out, tl.max(_abs_nonfinite_inf(vx), 0))
+    tl.store(VMAX + out, _amax(vx, 0))
     if c == 0:
         tl.store(VFIX + bh.to(tl.int64) * DP + cols, tl.zeros([DP], dtype=tl.float32))
 
@@ -188,9 +195,11 @@ def _to_fp8(x, INTERPRET: tl.constexpr):
 @triton.jit
 def _to_int8(y):
     """Round |y| <= 127 to the nearest integer (ties to even) and return int8, without the
-    quarter-rate F2I/FRND instructions: adding 1.5 * 2^23 rounds y into the fp32 mantissa."""
-    k = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    return tl.minimum(tl.maximum(k, -127), 127).to(tl.int8)
+    quarter-rate F2I/FRND instructions: adding 1.5 * 2^23 rounds y into the fp32 mantissa, whose low
+    byte is then round(y) in two's complement (bits 0x4B400000 + round(y)). No clamp: |y| <= 127 holds
+    for every finite group (y = x * 127 / amax); a non-finite group stores arbitrary values under its NaN
+    scale, and one whose scale is subnormal (1/scale = inf) stores 0 (the low byte of inf and NaN)."""
+    return (y + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -263,8 +272,7 @@ def _qk_block(
         rows = blk * BLK + t * SUB + tl.arange(0, SUB)
         x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D,
                            F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE, SUB, DP)
-        a = _abs_nonfinite_inf(x)
-        amax = tl.max(a, 1)
+        amax = _amax(x, 1)
         amax_blk = tl.maximum(amax_blk, tl.max(amax, 0))
         xsum += tl.sum(x, 0)
         sumsq = tl.sum(x * x, 1)
@@ -357,7 +365,7 @@ def _v_block(
     SM90_ORDER loads the block's rows in the permuted order (:func:`sm90_token_source`, which permutes
     within groups of 32) and stores them in plain order: the same bytes as permuting the store, without
     a 64-bit address per stored byte."""
-    fits = tl.full([], 1, tl.int32)
+    top = tl.zeros([], dtype=tl.float32)
     for t in range(0, BLK // SUB):
         p = t * SUB + tl.arange(0, SUB)
         if FP8 and SM90_ORDER:
@@ -368,7 +376,7 @@ def _v_block(
         xs = x * inv[None, :]
         # against a scalar limit: a per-channel one would take DP more registers per thread in the
         # layout of the transposed store (one token, all channels per thread)
-        fits = tl.minimum(fits, tl.min((tl.abs(xs) <= lim).to(tl.int32)))
+        top = _max_nan(top, tl.reduce(tl.abs(xs), None, _max_nan))
         xs = tl.where(xs == xs, xs, 0.0)
         if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
             base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
@@ -376,7 +384,7 @@ def _v_block(
         else:
             base = VOUT + (bh.to(tl.int64) * N_PAD + blk * BLK) * DP
             tl.store(base + p[:, None] * DP + cols[None, :], xs.to(tl.float16))
-    return fits
+    return (top <= lim).to(tl.int32)  # NaN: 0
 
 
 @triton.jit
@@ -413,7 +421,7 @@ def _v_prep_one(
         for t in range(0, BLK // 16):  # in pieces: this branch sets the register budget of the kernel
             rows = blk * BLK + t * 16 + tl.arange(0, 16)
             x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
-            bmax = tl.maximum(bmax, tl.max(_abs_nonfinite_inf(x), 0))
+            bmax = tl.maximum(bmax, _amax(x, 0))
         tl.atomic_max(VFIX + bh.to(tl.int64) * DP + cols, bmax, mask=~(bmax <= v_limit * scale), sem="relaxed")
     if blk == 0:
         tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
