@@ -18,6 +18,8 @@ RESULTS_COMFYUI080 = os.path.join(ROOT, "bench", "results", "h200_e2e_comfyui080
 RESULTS_EAGER_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_eager_rope.json")
 #: Flux with RoPE in the kernel (default) and left to ComfyUI (topk0.5-comfyrope), 2026-12-04
 RESULTS_FLUX_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_flux_rope.json")
+#: Flux and HunyuanVideo, RoPE in the kernel and left to ComfyUI, 2026-12-04 11:01 UTC
+RESULTS_HUNYUAN_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_hunyuan_rope.json")
 
 
 def _bench_e2e():
@@ -44,7 +46,7 @@ def _load(path):
 
 def test_speedups_are_judged_against_the_targets_unrounded():
     E = _bench_e2e()
-    for path in (RESULTS, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE, RESULTS_FLUX_ROPE):
+    for path in (RESULTS, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE, RESULTS_FLUX_ROPE, RESULTS_HUNYUAN_ROPE):
         results = _load(path)
         rows = _summary_rows(E.render(results))
         assert set(rows) == {r["label"] for r in results["models"].values()}
@@ -72,12 +74,14 @@ def test_the_report_names_the_rope_that_ran():
 
 def test_the_details_count_the_calls_that_rotated_in_the_kernel():
     E = _bench_e2e()
-    rows = {}
-    for line in E.render(_load(RESULTS_FLUX_ROPE)).splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 16 and cells[0] == "Flux.1 1024²":
-            rows[cells[1]] = cells
-    assert rows["topk0.5"][15] == "57" and rows["topk0.5-comfyrope"][15] == "0" and rows["unpatched"][15] == "—"
+    for path, model, calls in ((RESULTS_FLUX_ROPE, "Flux.1 1024²", "57"), (RESULTS_HUNYUAN_ROPE, "Flux.1 1024²", "57"),
+                               (RESULTS_HUNYUAN_ROPE, "HunyuanVideo 720p 129f", "60")):
+        rows = {}
+        for line in E.render(_load(path)).splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 16 and cells[0] == model:
+                rows[cells[1]] = cells
+        assert rows["topk0.5"][15] == calls and rows["topk0.5-comfyrope"][15] == "0" and rows["unpatched"][15] == "—"
     assert "topk0.5-comfyrope" in E.CONFIGS and E.CONFIGS["topk0.5-comfyrope"]["fuse_rope"] is False
     for line in E.render(_load(RESULTS)).splitlines():  # older results have no such field
         cells = [c.strip() for c in line.strip("|").split("|")]
