@@ -25,6 +25,10 @@ import triton
 import triton.language as tl
 
 from .gdc import pdl_start
+from .launch import interpreting
+
+#: True when these kernels run in the Triton interpreter (decided at import, as Triton decides)
+INTERPRETER = tl.constexpr(interpreting())
 
 INF = tl.constexpr(float("inf"))
 #: Floor of the stored Q/K scales: an all-zero group keeps a positive scale (and q_scale * k_scale
@@ -114,10 +118,16 @@ def _max_nan(a, b):
 @triton.jit
 def _amax(x, axis: tl.constexpr):
     """max |x| along ``axis`` (all axes for None), +inf (the marker for 'non-finite') where a NaN or an inf
-    took part. One NaN-propagating max per element (FMNMX.NAN, |x| an operand modifier); the NaN test runs
-    on the reduced values (mapping NaN to inf per element first took three instructions per element)."""
-    m = tl.reduce(tl.abs(x), axis, _max_nan)
-    return tl.where(m == m, m, INF)
+    took part. Compiled: one NaN-propagating max per element (FMNMX.NAN, |x| an operand modifier) and the
+    NaN test on the reduced values; mapping NaN to inf per element first took three instructions per element
+    (bench/NOTES.md #47). The interpreter runs a ``tl.reduce`` with a combine function element by element in
+    Python, so there the same values come from the per-element mapping and its ``tl.max``."""
+    if INTERPRETER:
+        a = tl.abs(x)
+        return tl.max(tl.where(a == a, a, INF), axis)
+    else:
+        m = tl.reduce(tl.abs(x), axis, _max_nan)
+        return tl.where(m == m, m, INF)
 
 
 @triton.jit
@@ -376,7 +386,7 @@ def _v_block(
         xs = x * inv[None, :]
         # against a scalar limit: a per-channel one would take DP more registers per thread in the
         # layout of the transposed store (one token, all channels per thread)
-        top = _max_nan(top, tl.reduce(tl.abs(xs), None, _max_nan))
+        top = tl.maximum(top, _amax(xs, None))
         xs = tl.where(xs == xs, xs, 0.0)
         if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
             base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
@@ -384,7 +394,7 @@ def _v_block(
         else:
             base = VOUT + (bh.to(tl.int64) * N_PAD + blk * BLK) * DP
             tl.store(base + p[:, None] * DP + cols[None, :], xs.to(tl.float16))
-    return (top <= lim).to(tl.int32)  # NaN: 0
+    return (top <= lim).to(tl.int32)  # NaN: top = inf
 
 
 @triton.jit
