@@ -320,7 +320,7 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     _Fast.get(_colstats_kernel)[(g.b * g.hk, nchunk)](
         kh, *kh.stride(), vh, *vh.stride(), ksum, vmax, vfix,
         g.hk, g.nk, g.d, stride, ns, nchunk, *ft[:10],
-        DP=g.dp, R=r, EVEN_D=g.d == g.dp, ROPE=ft[10], RS=min(r, PREP_ROWS["rope"]),
+        DP=g.dp, R=r, EVEN_D=g.d == g.dp, ROPE=ft[10], RS=min(r, PREP_ROWS["rope"]), INTERPRET=_interpreting(),
         num_warps=PREP_WARPS["colstats"], **pdl_first,
     )
     buf = {}

@@ -25,10 +25,6 @@ import triton
 import triton.language as tl
 
 from .gdc import pdl_start
-from .launch import interpreting
-
-#: True when these kernels run in the Triton interpreter (decided at import, as Triton decides)
-INTERPRETER = tl.constexpr(interpreting())
 
 INF = tl.constexpr(float("inf"))
 #: Floor of the stored Q/K scales: an all-zero group keeps a positive scale (and q_scale * k_scale
@@ -116,13 +112,13 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _amax(x, axis: tl.constexpr):
+def _amax(x, axis: tl.constexpr, INTERPRET: tl.constexpr):
     """max |x| along ``axis`` (all axes for None), +inf (the marker for 'non-finite') where a NaN or an inf
     took part. Compiled: one NaN-propagating max per element (FMNMX.NAN, |x| an operand modifier) and the
     NaN test on the reduced values; mapping NaN to inf per element first took three instructions per element
-    (bench/NOTES.md #47). The interpreter runs a ``tl.reduce`` with a combine function element by element in
-    Python, so there the same values come from the per-element mapping and its ``tl.max``."""
-    if INTERPRETER:
+    (bench/NOTES.md #47). The interpreter (INTERPRET) runs a ``tl.reduce`` with a combine function element by
+    element in Python, so there the same values come from the per-element mapping and its ``tl.max``."""
+    if INTERPRET:
         a = tl.abs(x)
         return tl.max(tl.where(a == a, a, INF), axis)
     else:
@@ -138,7 +134,7 @@ def _colstats_kernel(
     HK, N, D, STRIDE, NS, NCHUNK,
     F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
     DP: tl.constexpr, R: tl.constexpr, EVEN_D: tl.constexpr, ROPE: tl.constexpr = False, RS: tl.constexpr = 8,
-    PDL: tl.constexpr = False,
+    INTERPRET: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Per (b*HK + hk, chunk): column sums of K and column |max| of V over the chunk's ``R`` sampled
     tokens (sample i is token ``i*STRIDE``, i < NS). Chunk 0 zeroes ``VFIX[bh, :DP]``. With ROPE the
@@ -164,7 +160,7 @@ def _colstats_kernel(
     vx, _ = _load_tile(V, vsb, vsh, vsn, vsd, b, hk, rows, cols, N, D, EVEN_D)
     out = (bh.to(tl.int64) * NCHUNK + c) * DP + cols
     tl.store(KSUM + out, ksum)
-    tl.store(VMAX + out, _amax(vx, 0))
+    tl.store(VMAX + out, _amax(vx, 0, INTERPRET))
     if c == 0:
         tl.store(VFIX + bh.to(tl.int64) * DP + cols, tl.zeros([DP], dtype=tl.float32))
 
@@ -251,6 +247,7 @@ def _qk_block(
     F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
     CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr, ROPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     """Pool, self-similarity and INT8 quantization of block ``blk`` of head ``bh`` of X (Q or K).
 
@@ -282,7 +279,7 @@ def _qk_block(
         rows = blk * BLK + t * SUB + tl.arange(0, SUB)
         x = _centred_tile(X, sb, sh, sn, sd, b, h, rows, cols, N, D, mean, CENTER, EVEN_D,
                            F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE, SUB, DP)
-        amax = _amax(x, 1)
+        amax = _amax(x, 1, INTERPRET)
         amax_blk = tl.maximum(amax_blk, tl.max(amax, 0))
         xsum += tl.sum(x, 0)
         sumsq = tl.sum(x * x, 1)
@@ -333,12 +330,12 @@ def _qk_prep_kernel(
     if pid < Q_PROGRAMS:
         _qk_block(Q, qsb, qsh, qsn, qsd, KSUM, Q8, QS, POOL_Q, SIM_Q, pid % NQB, pid // NQB,
                   H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
-                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q, ROPE)
+                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q, ROPE, INTERPRET)
     elif pid < Q_PROGRAMS + K_PROGRAMS:
         pk = pid - Q_PROGRAMS
         _qk_block(K, ksb, ksh, ksn, ksd, KSUM, K8, KS, POOL_K, SIM_K, pk % NKB, pk // NKB,
                   HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
-                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K, ROPE)
+                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K, ROPE, INTERPRET)
     else:
         if HAS_V:
             pv = pid - Q_PROGRAMS - K_PROGRAMS
@@ -386,7 +383,7 @@ def _v_block(
         xs = x * inv[None, :]
         # against a scalar limit: a per-channel one would take DP more registers per thread in the
         # layout of the transposed store (one token, all channels per thread)
-        top = tl.maximum(top, _amax(xs, None))
+        top = tl.maximum(top, _amax(xs, None, INTERPRET))
         xs = tl.where(xs == xs, xs, 0.0)
         if FP8:  # (DP, N_PAD) per head: 32-bit offsets inside the head (DP * N_PAD < 2^31)
             base = VOUT + bh.to(tl.int64) * DP * N_PAD + blk * BLK
@@ -431,7 +428,7 @@ def _v_prep_one(
         for t in range(0, BLK // 16):  # in pieces: this branch sets the register budget of the kernel
             rows = blk * BLK + t * 16 + tl.arange(0, 16)
             x, _ = _load_tile(V, sb, sh, sn, sd, b, h, rows, cols, N, D, EVEN_D)
-            bmax = tl.maximum(bmax, _amax(x, 0))
+            bmax = tl.maximum(bmax, _amax(x, 0, INTERPRET))
         tl.atomic_max(VFIX + bh.to(tl.int64) * DP + cols, bmax, mask=~(bmax <= v_limit * scale), sem="relaxed")
     if blk == 0:
         tl.store(VS + bh.to(tl.int64) * DP + cols, tl.where(amax == INF, float("nan"), scale))
