@@ -461,10 +461,12 @@ def _sm90_config(dp: int, q_blocks: int, pv16: bool = False) -> dict:
     """Launch parameters of the Hopper kernel (kernels/attention_sm90.py), measured on an H100
     (bench/NOTES.md #19, #27): one warpgroup per program, 3 K/V stages; at head dim 128, 128-row
     programs when there are many Q blocks (Wan, HunyuanVideo) or P.V is fp16, else 64 (Flux FP8,
-    CogVideoX)."""
+    CogVideoX). ``sum_mma``: the row sums of P from the tensor cores, for FP8 P.V in 64-row programs
+    (NOTES #48: 1-5% faster there, slower with 128 rows or fp16 P.V)."""
     big = dp == 128 and (q_blocks >= 2048 or pv16)
     cfg = {"block_m": 128 if big else 64, "num_warps": 4, "num_stages": 3}
-    cfg.update({k: v for k, v in ATTN_CONFIG_OVERRIDE.items() if k in cfg})
+    cfg.update({k: v for k, v in ATTN_CONFIG_OVERRIDE.items() if k in cfg or k == "sum_mma"})
+    cfg.setdefault("sum_mma", cfg["block_m"] == 64 and not pv16)
     return cfg
 
 
@@ -537,7 +539,8 @@ def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom, dense: bool = False
         oh, *oh.stride(),
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk, g.d, g.nq_pad, g.nk_pad, P_SCALE_LOG2,
         BQ=BLOCK_Q, BM=bm, BN=BLOCK_K, DP=g.dp, CLAMP=out.dtype == torch.float16, STAGES=cfg["num_stages"],
-        NW=cfg["num_warps"], num_warps=cfg["num_warps"], PV16=pv16, DENSE=dense, **g.chained(),
+        NW=cfg["num_warps"], num_warps=cfg["num_warps"], PV16=pv16, DENSE=dense, SUM_MMA=cfg["sum_mma"],
+        **g.chained(),
     )
     return out, None, BLOCK_Q // bm
 

@@ -20,6 +20,10 @@ score, which is what limits this kernel (bench/NOTES.md #19, #37). Per K block `
   same order (``quant.sm90_token_source``), so P.V is unchanged.
 * P is converted and consumed in the same iteration (as a loop-carried value, or one leaving an ``if``,
   it would be unpacked and repacked byte by byte); S is converted with I2FP.
+* ``SUM_MMA`` (the launch code's choice for FP8 P.V in 64-row programs): the row sums of P are one more
+  wgmma per block, P @ E with E a (BN, 8) all-ones tile in shared memory, into a zero accumulator each
+  block and added to an fp32 running sum; this replaces the softmax's FADD tree and shuffles (~30
+  instructions per block and thread), and l then sums the FP8-rounded P that P.V uses (NOTES #48).
 * K and V tiles come through TMA into a ring of ``STAGES`` shared-memory slots, one mbarrier each.
   The LUT entries and K scales are loaded one or two iterations ahead (a warp stalls at the first
   use of a load, and one stalled warp holds the whole warpgroup at the next wgmma).
@@ -38,7 +42,7 @@ from triton.experimental import gluon
 from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 
 NEG_INF = gl.constexpr(float("-inf"))
@@ -187,7 +191,7 @@ def _attn_kernel_sm90(
     H, G, NQB, NKB, Nq, Nk, D, NQ_PAD, NK_PAD, p_offset,
     BQ: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, DP: gl.constexpr,
     CLAMP: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr, PDL: gl.constexpr = False,
-    PV16: gl.constexpr = False, DENSE: gl.constexpr = False,
+    PV16: gl.constexpr = False, DENSE: gl.constexpr = False, SUM_MMA: gl.constexpr = False,
 ):
     qk_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, BN, 32])
     PV_K: gl.constexpr = 16 if PV16 else 32  # the k of one P.V wgmma: 32 bytes of P per row either way
@@ -196,6 +200,10 @@ def _attn_kernel_sm90(
     row_l: gl.constexpr = gl.SliceLayout(1, qk_l)
     col_l: gl.constexpr = gl.SliceLayout(0, qk_l)
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
+    # SUM_MMA: each block's row sums of P come from the tensor cores, as P @ E with E (BN, 8) all ones (every
+    # column of the product is the row sum, so a thread reads its own column: no shuffles)
+    sum_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8, PV_K])
+    ps_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_l, k_width=2 if PV16 else 4)
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
     # |s * cr| <= 127^2 * DP * cr_max < 2^16: the FFMA path is within 2^-8 of the exact one (see _softmax)
     FAST_CR: gl.constexpr = 65536.0 / (127.0 * 127.0 * DP)
@@ -232,6 +240,17 @@ def _attn_kernel_sm90(
     mbarrier.init(qbar, count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
+    if SUM_MMA:
+        # E as its bit patterns (1.0 = 0x38 in e4m3, 0x3C00 in fp16), 16 contiguous bytes per thread. Not as
+        # float constants converted to FP8: ptxas (Triton 3.6's) merged a foreign register into the upper half
+        # of the packed e4m3 pair of a uniform value, and the tile was garbage (NOTES #48)
+        e_it: gl.constexpr = gl.int16 if PV16 else gl.int8
+        e_dt: gl.constexpr = gl.float16 if PV16 else gl.float8e4nv
+        e_bl: gl.constexpr = gl.BlockedLayout([1, 8 if PV16 else 16], [8, 4], [NW, 1], [1, 0])
+        e_bits = gl.full([8, BN], 0x3C00 if PV16 else 0x38, gl.int32, e_bl)
+        ones_s = gl.allocate_shared_memory(e_dt, [8, BN], gl.NVMMASharedLayout.get_default_for([8, BN], e_dt),
+                                           e_bits.to(e_it).to(e_dt, bitcast=True))
+        fence_async_shared()
 
     mbarrier.expect(qbar, BM * DP)
     tma.async_copy_global_to_shared(q_desc, [bh * NQ_PAD + pid_m * BM, 0], qbar, q_s)
@@ -249,6 +268,12 @@ def _attn_kernel_sm90(
     m_i = gl.full([BM], NEG_INF, gl.float32, row_l)
     l_i = gl.zeros([BM], gl.float32, row_l)
     acc = gl.zeros([BM, DP], gl.float32, pv_l)
+    # SUM_MMA: the running row sums, 8 equal columns in the product's layout, and the zero accumulator of the
+    # block sums (use_acc=False: a fresh sum per block. Accumulated across blocks inside the FP8 wgmma, whose
+    # adder keeps ~13 bits below the accumulator's exponent, the small late terms of a growing positive sum were
+    # truncated away: relL1 0.63 at 32K keys; NOTES #48)
+    l_run = gl.zeros([BM, 8], gl.float32, sum_l)
+    l_acc = gl.zeros([BM, 8], gl.float32, sum_l)
     mbarrier.wait(qbar, 0)
 
     if n_all > 0:
@@ -256,6 +281,8 @@ def _attn_kernel_sm90(
         s_tok = warpgroup_mma(q_s, k_s.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s_int = warpgroup_mma_wait(0, deps=(s_tok,))
         acc_tok = warpgroup_mma_init(acc)
+        if SUM_MMA:
+            l_tok = warpgroup_mma_init(l_acc)
         j = _entry(lut, 0, n_all, DENSE)
         c_k = gl.load(ks_base + j)
         j_nxt = _entry(lut, 1, n_all, DENSE)
@@ -266,7 +293,11 @@ def _attn_kernel_sm90(
             nxt = (it + 1) % STAGES
             # The P.V of block it - 1 reads its P operand from registers until it completes: it must be done
             # before the softmax writes new P registers (overlapping them gave NaN: bench/NOTES.md #19).
-            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+            if SUM_MMA:
+                acc, l_blk = warpgroup_mma_wait(0, deps=(acc_tok, l_tok))
+                l_run = l_run + l_blk  # block it - 1, in the scale of block it - 1's maximum
+            else:
+                acc = warpgroup_mma_wait(0, deps=(acc_tok,))
             cr = qs * c_k
             if (it < n_full) & (c_k * qs_max <= FAST_CR):
                 m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, True)
@@ -274,7 +305,10 @@ def _attn_kernel_sm90(
                 m_i, p, alpha = _softmax(s_int, cr, m_i, j, cols, Nk, p_offset, BN, False)
             p_op = _p_operand(p, p_l, PV16)
             acc = _rescale(acc, gl.convert_layout(alpha, orow_l), DP // 2)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            if SUM_MMA:
+                l_run = l_run * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, sum_l)), 1)
+            else:
+                l_i = l_i * alpha + gl.sum(p, 1)
             if it > 0:
                 gl.thread_barrier()  # every warp is done with block it - 1's slot before TMA refills it
                 _issue_kv(it - 1 + STAGES, j_tma, n_all, krow0, vrow0, k_desc, v_desc, k_s, v_s, bars, BN, DP, STAGES,
@@ -287,14 +321,23 @@ def _attn_kernel_sm90(
                 acc_tok = warpgroup_mma(p_op, v_s.index(slot), acc, is_async=True)
             else:
                 acc_tok = warpgroup_mma(p_op, v_s.index(slot).permute((1, 0)), acc, is_async=True)
-            s_int = warpgroup_mma_wait(1, deps=(s_tok,))
+            if SUM_MMA:
+                l_tok = warpgroup_mma(gl.convert_layout(p_op, ps_l, assert_trivial=True), ones_s.permute((1, 0)),
+                                      l_acc, use_acc=False, is_async=True)
+                s_int = warpgroup_mma_wait(2, deps=(s_tok,))
+            else:
+                s_int = warpgroup_mma_wait(1, deps=(s_tok,))
             # no load here depends on a load of the same iteration (a warp stalls on the first use)
             j = j_nxt
             c_k = c_nxt
             c_nxt = gl.load(ks_base + j_nxt2)
             j_nxt = j_nxt2
             j_nxt2 = _entry(lut, it + 3, n_all, DENSE)
-        acc = warpgroup_mma_wait(0, deps=(acc_tok,))
+        if SUM_MMA:
+            acc, l_blk = warpgroup_mma_wait(0, deps=(acc_tok, l_tok))
+            l_i = gl.convert_layout(gl.max(l_run + l_blk, 1), row_l)
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc_tok,))
 
     mbarrier.invalidate(qbar)
     for s in gl.static_range(STAGES):

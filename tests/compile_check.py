@@ -95,7 +95,8 @@ class Compiler:
         info = f"{kernel.fn.__name__:18s} {str({c: v for c, v in const.items() if c not in ('INTERPRET',)}):110s} shared={md.shared}"
         info += " pdl" if opts.get("launch_pdl") else ""
         ptx = k.asm["ptx"]
-        info += f" wgmma={ptx.count('wgmma.mma_async')} mma={ptx.count('mma.sync')} local={'.local' in ptx}"
+        info += (f" wgmma={ptx.count('wgmma.mma_async')} rowsum_mmas={ptx.count('mma_async.sync.aligned.m64n8k')}"
+                 f" mma={ptx.count('mma.sync')} local={'.local' in ptx}")
         self.seen[key] = info
         print(info, flush=True)
         if self.dump:

@@ -29,3 +29,8 @@ def test_kernels_compile(arch):
         if A._attn_kernel_sm90 is None:
             pytest.skip(f"Triton without Gluon here ({A._SM90_ERROR}): the Hopper kernel is not compiled")
         assert len(gluon) >= 3 and all("local=False" in ln and "wgmma=0" not in ln for ln in gluon), gluon
+        # the row sums of P on the tensor cores (NOTES #48): chosen for FP8 P.V in 64-row programs only, and
+        # present in the compiled code exactly there (one m64n8 wgmma per 32 keys)
+        summed = [ln for ln in gluon if "'SUM_MMA': True" in ln]
+        assert summed and all("'BM': 64" in ln and "'PV16': False" in ln for ln in summed), gluon
+        assert all(("rowsum_mmas=0" in ln) == ("'SUM_MMA': True" not in ln) for ln in gluon), gluon
