@@ -20,7 +20,7 @@ score, which is what limits this kernel (bench/NOTES.md #19, #37). Per K block `
   same order (``quant.sm90_token_source``), so P.V is unchanged.
 * P is converted and consumed in the same iteration (as a loop-carried value, or one leaving an ``if``,
   it would be unpacked and repacked byte by byte); S is converted with I2FP.
-* ``SUM_MMA`` (the launch code's choice for FP8 P.V in 64-row programs): the row sums of P are one more
+* ``SUM_MMA`` (FP8 P.V only; the launch code takes it in 64-row programs): the row sums of P are one more
   wgmma per block, P @ E with E a (BN, 8) all-ones tile in shared memory, into a zero accumulator each
   block and added to an fp32 running sum; this replaces the softmax's FADD tree and shuffles (~30
   instructions per block and thread), and l then sums the FP8-rounded P that P.V uses (NOTES #48).
@@ -202,8 +202,10 @@ def _attn_kernel_sm90(
     orow_l: gl.constexpr = gl.SliceLayout(1, pv_l)
     # SUM_MMA: each block's row sums of P come from the tensor cores, as P @ E with E (BN, 8) all ones (every
     # column of the product is the row sum, so a thread reads its own column: no shuffles)
-    sum_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8, PV_K])
-    ps_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_l, k_width=2 if PV16 else 4)
+    # (FP8 P.V only: the launch code never asks for it with fp16 P.V, which measured slower)
+    gl.static_assert(not (SUM_MMA and PV16), "SUM_MMA is implemented for FP8 P.V only")
+    sum_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8, 32])
+    ps_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=sum_l, k_width=4)
     out_l: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
     # |s * cr| <= 127^2 * DP * cr_max < 2^16: the FFMA path is within 2^-8 of the exact one (see _softmax)
     FAST_CR: gl.constexpr = 65536.0 / (127.0 * 127.0 * DP)
@@ -241,15 +243,14 @@ def _attn_kernel_sm90(
     for s in gl.static_range(STAGES):
         mbarrier.init(bars.index(s), count=1)
     if SUM_MMA:
-        # E as its bit patterns (1.0 = 0x38 in e4m3, 0x3C00 in fp16), 16 contiguous bytes per thread. Not as
-        # float constants converted to FP8: ptxas (Triton 3.6's) merged a foreign register into the upper half
-        # of the packed e4m3 pair of a uniform value, and the tile was garbage (NOTES #48)
-        e_it: gl.constexpr = gl.int16 if PV16 else gl.int8
-        e_dt: gl.constexpr = gl.float16 if PV16 else gl.float8e4nv
-        e_bl: gl.constexpr = gl.BlockedLayout([1, 8 if PV16 else 16], [8, 4], [NW, 1], [1, 0])
-        e_bits = gl.full([8, BN], 0x3C00 if PV16 else 0x38, gl.int32, e_bl)
-        ones_s = gl.allocate_shared_memory(e_dt, [8, BN], gl.NVMMASharedLayout.get_default_for([8, BN], e_dt),
-                                           e_bits.to(e_it).to(e_dt, bitcast=True))
+        # E as its bit pattern (1.0 = 0x38 in e4m3), 16 contiguous bytes per thread. Not as float constants
+        # converted to FP8: ptxas (Triton 3.6's) merged a foreign register into the upper half of the packed
+        # e4m3 pair of a uniform value, and the tile was garbage (NOTES #48)
+        e_bl: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [NW, 1], [1, 0])
+        e_bits = gl.full([8, BN], 0x38, gl.int8, e_bl)
+        ones_s = gl.allocate_shared_memory(gl.float8e4nv, [8, BN],
+                                           gl.NVMMASharedLayout.get_default_for([8, BN], gl.float8e4nv),
+                                           e_bits.to(gl.float8e4nv, bitcast=True))
         fence_async_shared()
 
     mbarrier.expect(qbar, BM * DP)
@@ -268,12 +269,12 @@ def _attn_kernel_sm90(
     m_i = gl.full([BM], NEG_INF, gl.float32, row_l)
     l_i = gl.zeros([BM], gl.float32, row_l)
     acc = gl.zeros([BM, DP], gl.float32, pv_l)
-    # SUM_MMA: the running row sums, 8 equal columns in the product's layout, and the zero accumulator of the
+    # SUM_MMA: the running row sums, 8 equal columns in the product's layout, and the zero operand of the
     # block sums (use_acc=False: a fresh sum per block. Accumulated across blocks inside the FP8 wgmma, whose
     # adder keeps ~13 bits below the accumulator's exponent, the small late terms of a growing positive sum were
     # truncated away: relL1 0.63 at 32K keys; NOTES #48)
     l_run = gl.zeros([BM, 8], gl.float32, sum_l)
-    l_acc = gl.zeros([BM, 8], gl.float32, sum_l)
+    l_zero = gl.zeros([BM, 8], gl.float32, sum_l)
     mbarrier.wait(qbar, 0)
 
     if n_all > 0:
@@ -282,7 +283,7 @@ def _attn_kernel_sm90(
         s_int = warpgroup_mma_wait(0, deps=(s_tok,))
         acc_tok = warpgroup_mma_init(acc)
         if SUM_MMA:
-            l_tok = warpgroup_mma_init(l_acc)
+            l_tok = warpgroup_mma_init(l_zero)
         j = _entry(lut, 0, n_all, DENSE)
         c_k = gl.load(ks_base + j)
         j_nxt = _entry(lut, 1, n_all, DENSE)
@@ -323,7 +324,7 @@ def _attn_kernel_sm90(
                 acc_tok = warpgroup_mma(p_op, v_s.index(slot).permute((1, 0)), acc, is_async=True)
             if SUM_MMA:
                 l_tok = warpgroup_mma(gl.convert_layout(p_op, ps_l, assert_trivial=True), ones_s.permute((1, 0)),
-                                      l_acc, use_acc=False, is_async=True)
+                                      l_zero, use_acc=False, is_async=True)
                 s_int = warpgroup_mma_wait(2, deps=(s_tok,))
             else:
                 s_int = warpgroup_mma_wait(1, deps=(s_tok,))
