@@ -503,16 +503,17 @@ def walk_options(head_dim: int, n_q: int, batch_heads: int, *, device=None, pv_d
                  causal: bool = False, pv_threshold=None) -> dict:
     """How the attention kernel walks the LUT for such a call, in the keywords of
     ``reference.block_sparse_attention``: ``rows_per_decision`` (query rows of one program, which
-    share each stage-2 decision) and ``pair`` (mask-free blocks taken two at a time). ``device``
-    (default: the current CUDA device when there is one) decides whether the Hopper kernel runs."""
+    share each stage-2 decision), ``pair`` (mask-free blocks taken two at a time) and ``sum_rounded_p``
+    (the row sums add the FP8-rounded P: the Hopper kernel's ``sum_mma``). ``device`` (default: the
+    current CUDA device when there is one) decides whether the Hopper kernel runs."""
     dp = _padded_dim(head_dim)
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() and not _interpreting() else torch.device("cpu")
     if _use_sm90(torch.device(device), dp, pv_dtype, causal, pv_threshold is not None):
         cfg = _sm90_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q), pv_dtype == "fp16")
-        return {"rows_per_decision": cfg["block_m"], "pair": False}
+        return {"rows_per_decision": cfg["block_m"], "pair": False, "sum_rounded_p": bool(cfg["sum_mma"])}
     cfg = _attention_config(dp, batch_heads * _cdiv(n_q, BLOCK_Q))
-    return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"]}
+    return {"rows_per_decision": cfg["block_m"], "pair": cfg["pair"], "sum_rounded_p": False}
 
 
 @functools.lru_cache(maxsize=None)

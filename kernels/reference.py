@@ -354,6 +354,7 @@ def block_sparse_attention(
     quant: Optional[str] = None,
     rows_per_decision: int = BLOCK_Q,
     pair: bool = True,
+    sum_rounded_p: bool = False,
 ):
     """Attention restricted to the kept blocks of ``block_mask``; HND output.
 
@@ -367,6 +368,9 @@ def block_sparse_attention(
         row's kept blocks in ascending order (the blocks that need no element mask first, two at a
         time when ``pair`` and stage 2 is off; then the rest one by one) with the online softmax in
         log2 units and rounds Q/K (INT8), P and V like the kernel.
+    sum_rounded_p : the row sums (the softmax's denominator) add P as rounded for P.V (``quant``'s
+        format) instead of P in fp32, as the Hopper kernel's 64-row FP8 programs do (their sums come
+        from the tensor cores: ``api._sm90_config``'s ``sum_mma``).
 
     Returns
     -------
@@ -429,6 +433,10 @@ def block_sparse_attention(
             return p.to(torch.float16).to(p.dtype)
         return p
 
+    def psum(p):
+        """A block's row sums of P (fp32 P, or the rounded P that P.V takes)."""
+        return (round_p(p) if sum_rounded_p else p).sum(-1)
+
     def scores(kk, kidx, masked):
         s = torch.einsum("bhird,bhikd->bhirk", qb, kk) * c
         if masked:
@@ -454,7 +462,7 @@ def block_sparse_attention(
             alpha = torch.exp2(m - mu)
             p0 = torch.exp2(s0 - mu[..., None] + P_SCALE_LOG2)
             p1 = torch.exp2(s1 - mu[..., None] + P_SCALE_LOG2)
-            l_new = l * alpha + p0.sum(-1) + p1.sum(-1)
+            l_new = l * alpha + psum(p0) + psum(p1)
             acc_new = (acc * alpha[..., None] + torch.einsum("bhirk,bhikd->bhird", round_p(p0), v0)
                        + torch.einsum("bhirk,bhikd->bhird", round_p(p1), v1))
             l, m = torch.where(act, l_new, l), torch.where(act, m_new, m)
@@ -481,7 +489,7 @@ def block_sparse_attention(
         mu = safe(m_new)
         p = torch.exp2(s - mu[..., None] + P_SCALE_LOG2)
         alpha = torch.exp2(m - mu)
-        l_new = l * alpha + p.sum(-1)
+        l_new = l * alpha + psum(p)
         acc_new = acc * alpha[..., None] + torch.einsum("bhirk,bhikd->bhird", round_p(p), vv)
         l = torch.where(upd, l_new, l)
         acc = torch.where(upd[..., None], acc_new, acc)

@@ -259,6 +259,28 @@ def test_keep_all_skips_selection(pv, kernel, n, thr, monkeypatch):
         sparge_attn(q, k, v, mode="topk", topk=1.0, keep_ranges=[(-1, 5)], pv_dtype=pv)
 
 
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_emulation_row_sums(pv):
+    """The emulation's two denominators, against a direct computation on one Q block and one K block (with
+    a key tail): fp32 P summed (the portable kernel, 128-row Hopper programs) or the rounded P that P.V
+    takes (``sum_rounded_p``: the Hopper kernel's 64-row FP8 programs, ``sum_mma``)."""
+    seed = _seed()
+    gen = _gen(seed)
+    q, k, v = (_randn((1, 1, n, 64), gen, torch.float32) for n in (100, 40, 40))
+    qq, kq, vq = R.quantize_like_kernel(q, k, v, pv)
+    s = qq @ kq.transpose(-1, -2) * (64**-0.5 * math.log2(math.e))
+    p = torch.exp2(s - s.amax(-1, keepdim=True) + R.P_SCALE_LOG2)
+    pr = p.to(torch.float8_e4m3fn).float() if pv == "fp8" else p.half().float()
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    for rounded, denom in ((False, p), (True, pr)):
+        emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, sum_rounded_p=rounded)
+        want = (pr @ vq) / denom.sum(-1, keepdim=True)
+        assert _rel(emu, want) < 1e-5, f"sum_rounded_p={rounded} {_rel(emu, want):.2e} seed={seed}"
+    plain, _ = R.block_sparse_attention(q, k, v, mask, quant=pv)
+    summed, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, sum_rounded_p=True)
+    assert _rel(plain, summed) > 1e-5, f"the option changed nothing ({_rel(plain, summed):.2e}), seed={seed}"
+
+
 @pytest.mark.parametrize("block_m,pair", [(64, False), (64, True), (128, False), (128, True)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_walk_configs(block_m, pair, causal):
@@ -609,11 +631,13 @@ def _is_sm90():
 @pytest.mark.skipif(not _is_sm90(), reason="the Gluon kernel (kernels/attention_sm90.py) runs on sm_90 GPUs only")
 @pytest.mark.parametrize("d,n", [(128, 8192 + 37), (64, 4608), (128, 300)])
 @pytest.mark.parametrize("cfg", [dict(block_m=64, num_warps=4, num_stages=3), dict(block_m=128, num_warps=8, num_stages=2),
-                                 dict(block_m=128, num_warps=4, num_stages=3)])
+                                 dict(block_m=128, num_warps=4, num_stages=3),
+                                 dict(block_m=64, num_warps=4, num_stages=3, sum_mma=False)])
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_sm90_kernel(d, n, cfg, pv):
     """The Hopper kernel, forced, in several launch configs and both P.V types: matches the reference's
-    emulation of a single-block walk as tightly as the portable kernel does, and agrees with the portable kernel."""
+    emulation of a single-block walk (with the row sums of rounded P where ``sum_mma`` makes the kernel take
+    them so) as tightly as the portable kernel does, and agrees with the portable kernel."""
     seed = _seed()
     gen = _gen(seed)
     q, k, v = _local(1, 2, n, d, gen, dtype=torch.bfloat16)
@@ -624,11 +648,15 @@ def test_sm90_kernel(d, n, cfg, pv):
         outs[kernel] = _nan_like(q)
         with _attn_config(**cfg, kernel=kernel):
             block_sparse_attn(q, k, v, mask, pv_dtype=pv, out=outs[kernel])
+            if kernel == "sm90":
+                walk = walk_options(d, n, 2, pv_dtype=pv)
     out = outs["sm90"]
-    tag = f"seed={seed} cfg={cfg} pv={pv}"
+    tag = f"seed={seed} cfg={cfg} pv={pv} walk={walk}"
+    assert walk["rows_per_decision"] == cfg["block_m"], tag
+    assert walk["sum_rounded_p"] == (pv == "fp8" and cfg["block_m"] == 64 and cfg.get("sum_mma", True)), tag
     assert bool(torch.isfinite(out).all()), tag
     assert bool((out[0, 1, :BLOCK_Q] == 0).all()), tag
-    emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, pair=False)
+    emu, _ = R.block_sparse_attention(q, k, v, mask, quant=pv, pair=False, sum_rounded_p=walk["sum_rounded_p"])
     assert _rel(out, emu) <= EMU_TOL[q.dtype], f"vs emulation {_rel(out, emu):.2e} {tag}"
     exact, _ = R.block_sparse_attention(q, k, v, mask)
     assert _rel(out, exact) <= BOUND[pv], f"vs exact {_rel(out, exact):.2e} {tag}"
