@@ -5,6 +5,10 @@
 * The repository root is loaded as a package named ``sparge_pack`` (``sparge_pack.kernels``,
   ``sparge_pack.nodes``), the way ComfyUI loads a custom node, whatever the checkout's folder is
   called. ComfyUI's own top-level ``nodes`` module is never shadowed.
+* Randomized tests draw a fresh seed per test (:func:`random_seed`) and name it when they fail;
+  ``SPARGEATTN_TEST_SEED=<seed>`` replays it, e.g.
+  ``SPARGEATTN_TEST_SEED=1246448362 python -m pytest tests/test_kernels.py -k "random_sweep and [0]"``
+  (a sweep case is drawn from its seed alone, so any one index replays it).
 """
 
 import importlib.util
@@ -39,7 +43,17 @@ _load_pack()
 importlib.import_module(PACK + ".kernels")
 
 
+def random_seed() -> int:
+    """A fresh 32-bit seed, or ``SPARGEATTN_TEST_SEED`` when set (to replay a failure)."""
+    fixed = os.environ.get("SPARGEATTN_TEST_SEED")
+    if fixed:
+        return int(fixed)
+    return int.from_bytes(os.urandom(4), "little")
+
+
 def pytest_report_header(config):
+    seed = os.environ.get("SPARGEATTN_TEST_SEED")
+    fixed = [f"random seeds: all {seed} (SPARGEATTN_TEST_SEED)"] if seed else []
     if ON_GPU:
-        return f"kernels: {torch.cuda.get_device_name()} (real sizes)"
-    return "kernels: no CUDA GPU -> Triton interpreter (TRITON_INTERPRET=1), small sizes"
+        return [f"kernels: {torch.cuda.get_device_name()} (real sizes)"] + fixed
+    return ["kernels: no CUDA GPU -> Triton interpreter (TRITON_INTERPRET=1), small sizes"] + fixed

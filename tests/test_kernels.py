@@ -12,12 +12,12 @@ cost ~0.035 on their own (see bench/NOTES.md), so 0.03 needs a second P.V produc
 
 import contextlib
 import math
-import os
 import random
 
 import pytest
 import torch
 
+from conftest import random_seed
 from sparge_pack.kernels import BLOCK_K, BLOCK_Q, block_sparse_attn, predict_block_mask, sparge_attn
 from sparge_pack.kernels import default_pv_dtype
 from sparge_pack.kernels.api import walk_options
@@ -42,7 +42,7 @@ else:
 
 
 def _seed():
-    return int.from_bytes(os.urandom(4), "little")
+    return random_seed()
 
 
 def _gen(seed):

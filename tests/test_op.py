@@ -5,11 +5,11 @@ On a CPU the op runs the kernels in the Triton interpreter and torch.compile use
 the default Inductor backend compiles the code around our op.
 """
 
-import os
 
 import pytest
 import torch
 
+from conftest import random_seed
 from sparge_pack.kernels import sparge_attn, sparge_attn_op
 from sparge_pack.kernels import reference as R
 
@@ -21,7 +21,7 @@ BACKEND = "inductor" if ON_GPU else "aot_eager"
 
 
 def _gen():
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = random_seed()
     return seed, torch.Generator().manual_seed(seed)
 
 

@@ -7,11 +7,11 @@ check that a rotation which is not the identity changes the result (a kernel tha
 fails). Inputs are fresh random draws (the seed is in each failure message); outputs are poisoned.
 """
 
-import os
 
 import pytest
 import torch
 
+from conftest import random_seed
 from sparge_pack.kernels import predict_block_mask, sparge_attn
 from sparge_pack.kernels import op as OP
 from sparge_pack.kernels import reference as R
@@ -23,7 +23,7 @@ HEADS = 4 if ON_GPU else 2
 
 
 def _seed():
-    return int.from_bytes(os.urandom(4), "little")
+    return random_seed()
 
 
 def _freqs(b, h, n, d, gen, kind="rotation", layout="HND", dtype=torch.float32):
