@@ -20,7 +20,7 @@ ls .carry/*.whl >/dev/null 2>&1 && $py -m pip install -q --no-deps --no-index .c
 ls .carry/xdist/*.whl >/dev/null 2>&1 && $py -m pip install -q --no-deps --no-index .carry/xdist/*.whl 2>&1 | tail -2
 par=""; par4=""; $py -c "import xdist" 2>/dev/null && par="-n 8" && par4="-n 4"
 t_tests=${T_TESTS:-240}; t_bench=${T_BENCH:-220}; t_sweep=${T_SWEEP:-200}
-timeout "$t_tests" $py -m pytest tests/test_kernels.py tests/test_launch_plans.py tests/test_op.py -q -k "not sweep" \
+timeout "$t_tests" $py -m pytest tests/test_kernels.py tests/test_launch_plans.py tests/test_op.py tests/test_rope.py -q -k "not sweep" \
   $par4 --maxfail=20 -W ignore -p no:cacheprovider --durations=10 2>&1 | tee "$out/tests.log" | tail -40
 timeout "$t_bench" $py bench/bench_kernels.py --out "$out/bench.md" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log" | tail -45
 timeout "$t_sweep" $py -m pytest tests/test_kernels.py -q -k sweep $par --maxfail=5 -W ignore -p no:cacheprovider \

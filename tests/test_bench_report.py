@@ -12,7 +12,10 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the current table: 2026-12-04 14:48 UTC, the kernels with the row sums of NOTES #48
 RESULTS = os.path.join(ROOT, "bench", "results", "h200_e2e.json")
+#: ComfyUI 0.19.3, 2026-12-03 23:06 UTC (the kernels before NOTES #45-#48)
+RESULTS_1203 = os.path.join(ROOT, "bench", "results", "h200_e2e_20261203.json")
 RESULTS_COMFYUI080 = os.path.join(ROOT, "bench", "results", "h200_e2e_comfyui080.json")
 #: the 16:11 UTC runs (comfy-kitchen's eager RoPE), whose Wan 2.1-14B row sits just under its target
 RESULTS_EAGER_ROPE = os.path.join(ROOT, "bench", "results", "h200_e2e_eager_rope.json")
@@ -46,7 +49,7 @@ def _load(path):
 
 def test_speedups_are_judged_against_the_targets_unrounded():
     E = _bench_e2e()
-    for path in (RESULTS, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE, RESULTS_FLUX_ROPE, RESULTS_HUNYUAN_ROPE):
+    for path in (RESULTS, RESULTS_1203, RESULTS_COMFYUI080, RESULTS_EAGER_ROPE, RESULTS_FLUX_ROPE, RESULTS_HUNYUAN_ROPE):
         results = _load(path)
         rows = _summary_rows(E.render(results))
         assert set(rows) == {r["label"] for r in results["models"].values()}
@@ -67,7 +70,7 @@ def test_speedups_are_judged_against_the_targets_unrounded():
 
 def test_the_report_names_the_rope_that_ran():
     E = _bench_e2e()
-    for path in (RESULTS, RESULTS_COMFYUI080):
+    for path in (RESULTS, RESULTS_1203, RESULTS_COMFYUI080):
         assert "RoPE: comfy-kitchen 0.2.40, cuda backend;" in E.render(_load(path))
     assert "RoPE: not recorded;" in E.render(_load(RESULTS_EAGER_ROPE))  # runs from before the field existed
 
@@ -83,7 +86,14 @@ def test_the_details_count_the_calls_that_rotated_in_the_kernel():
                 rows[cells[1]] = cells
         assert rows["topk0.5"][15] == calls and rows["topk0.5-comfyrope"][15] == "0" and rows["unpatched"][15] == "—"
     assert "topk0.5-comfyrope" in E.CONFIGS and E.CONFIGS["topk0.5-comfyrope"]["fuse_rope"] is False
-    for line in E.render(_load(RESULTS)).splitlines():  # older results have no such field
+    for line in E.render(_load(RESULTS_1203)).splitlines():  # older results have no such field
         cells = [c.strip() for c in line.strip("|").split("|")]
         if len(cells) == 16 and cells[1] == "topk0.5":
             assert cells[15] == "—"
+    rotated = {}  # the current table: the node's default (RoPE in the kernel) where the model allows it
+    for line in E.render(_load(RESULTS)).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 16 and cells[1] == "topk0.5":
+            rotated[cells[0]] = cells[15]
+    assert rotated == {"Wan 2.1-1.3B 480p 81f": "0", "Flux.1 1024²": "57", "Wan 2.1-14B 480p 81f": "0",
+                       "HunyuanVideo 720p 129f": "60"}, rotated
