@@ -57,6 +57,9 @@ PACK = "sparge_pack"
 TEXT = 226
 sys.path.insert(0, ROOT)
 from bench.bench_e2e import COMMON, CONFIGS, write_report  # noqa: E402  (the same node settings as the ComfyUI benchmark)
+# off the path again: the pack is loaded by path as sparge_pack, and with the root on sys.path our kernels/ would
+# pass for Hugging Face's `kernels` package, which diffusers (imported by the wrapper) probes for
+sys.path.remove(ROOT)
 
 # Full size: 720x480, 49 frames, cond + uncond. Tiny: 96x64, 9 frames, 2 layers x 2 heads, text width 32.
 SIZES = {

@@ -4,7 +4,8 @@
   before anything imports Triton.
 * The repository root is loaded as a package named ``sparge_pack`` (``sparge_pack.kernels``,
   ``sparge_pack.nodes``), the way ComfyUI loads a custom node, whatever the checkout's folder is
-  called. ComfyUI's own top-level ``nodes`` module is never shadowed.
+  called. The checkout's root is not on ``sys.path``: ComfyUI's top-level ``nodes`` module (and any other
+  package named like one of our folders) is never shadowed.
 * Randomized tests draw a fresh seed per test (:func:`random_seed`) and name it when they fail;
   ``SPARGEATTN_TEST_SEED=<seed>`` replays it, e.g.
   ``SPARGEATTN_TEST_SEED=1246448362 python -m pytest tests/test_kernels.py -k "random_sweep and [0]"``
@@ -37,7 +38,16 @@ def _load_pack():
     return mod
 
 
+def _hide_checkout_root():
+    """Take the checkout's root off ``sys.path`` (``python -m pytest`` puts the working directory there): its
+    folders would otherwise be importable as top-level modules and shadow others of the same name, as in a
+    real ComfyUI they never are. Seen: diffusers (via the CogVideoX wrapper) probes for Hugging Face's
+    ``kernels`` package and imported our ``kernels/`` instead; ComfyUI owns the top-level ``nodes``."""
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT]
+
+
 _load_pack()
+_hide_checkout_root()
 # Import the kernels now, while TRITON_INTERPRET is set: Triton decides interpreter or compiler when
 # the kernels are defined, and a test that unsets the variable later must not change that.
 importlib.import_module(PACK + ".kernels")
