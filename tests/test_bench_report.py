@@ -75,25 +75,27 @@ def test_the_report_names_the_rope_that_ran():
     assert "RoPE: not recorded;" in E.render(_load(RESULTS_EAGER_ROPE))  # runs from before the field existed
 
 
+def _detail_rows(text):
+    """The rows of the report's details table, by (model, config)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 16:
+            rows[cells[0], cells[1]] = cells
+    return rows
+
+
 def test_the_details_count_the_calls_that_rotated_in_the_kernel():
     E = _bench_e2e()
     for path, model, calls in ((RESULTS_FLUX_ROPE, "Flux.1 1024²", "57"), (RESULTS_HUNYUAN_ROPE, "Flux.1 1024²", "57"),
                                (RESULTS_HUNYUAN_ROPE, "HunyuanVideo 720p 129f", "60")):
-        rows = {}
-        for line in E.render(_load(path)).splitlines():
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if len(cells) == 16 and cells[0] == model:
-                rows[cells[1]] = cells
-        assert rows["topk0.5"][15] == calls and rows["topk0.5-comfyrope"][15] == "0" and rows["unpatched"][15] == "—"
+        rows = _detail_rows(E.render(_load(path)))
+        assert (rows[model, "topk0.5"][15] == calls and rows[model, "topk0.5-comfyrope"][15] == "0"
+                and rows[model, "unpatched"][15] == "—")
     assert "topk0.5-comfyrope" in E.CONFIGS and E.CONFIGS["topk0.5-comfyrope"]["fuse_rope"] is False
-    for line in E.render(_load(RESULTS_1203)).splitlines():  # older results have no such field
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 16 and cells[1] == "topk0.5":
-            assert cells[15] == "—"
-    rotated = {}  # the current table: the node's default (RoPE in the kernel) where the model allows it
-    for line in E.render(_load(RESULTS)).splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 16 and cells[1] == "topk0.5":
-            rotated[cells[0]] = cells[15]
+    old = {m: c[15] for (m, cfg), c in _detail_rows(E.render(_load(RESULTS_1203))).items() if cfg == "topk0.5"}
+    assert old and set(old.values()) == {"—"}, old  # older results have no such field
+    # the current table: the node's default (RoPE in the kernel) where the model allows it
+    rotated = {m: c[15] for (m, cfg), c in _detail_rows(E.render(_load(RESULTS))).items() if cfg == "topk0.5"}
     assert rotated == {"Wan 2.1-1.3B 480p 81f": "0", "Flux.1 1024²": "57", "Wan 2.1-14B 480p 81f": "0",
                        "HunyuanVideo 720p 129f": "60"}, rotated

@@ -7,11 +7,10 @@ launches cannot be placed must keep the normal path.
 In the interpreter (CPU) plans replay with tensor views of the workspace; on a GPU with raw pointers
 through Triton's launcher (the Hopper kernel's TMA descriptors included)."""
 
-
 import pytest
 import torch
 
-from conftest import random_seed
+from conftest import random_seed as _seed
 from sparge_pack.kernels import api as A
 from sparge_pack.kernels import launch as L
 from sparge_pack.kernels import reference as R
@@ -20,10 +19,6 @@ from sparge_pack.kernels import sparge_attn
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 N, NK, H, HK, D = (4608, 4096, 8, 4, 128) if ON_GPU else (300, 200, 4, 2, 64)
-
-
-def _seed():
-    return random_seed()
 
 
 def _inputs(seed, layout, dtype=torch.bfloat16, n=N, nk=NK, h=H, hk=HK, d=D):

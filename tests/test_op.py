@@ -5,7 +5,6 @@ On a CPU the op runs the kernels in the Triton interpreter and torch.compile use
 the default Inductor backend compiles the code around our op.
 """
 
-
 import pytest
 import torch
 

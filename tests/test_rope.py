@@ -7,11 +7,10 @@ check that a rotation which is not the identity changes the result (a kernel tha
 fails). Inputs are fresh random draws (the seed is in each failure message); outputs are poisoned.
 """
 
-
 import pytest
 import torch
 
-from conftest import random_seed
+from conftest import random_seed as _seed
 from sparge_pack.kernels import predict_block_mask, sparge_attn
 from sparge_pack.kernels import op as OP
 from sparge_pack.kernels import reference as R
@@ -20,10 +19,6 @@ ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 N = 4608 if ON_GPU else 200
 HEADS = 4 if ON_GPU else 2
-
-
-def _seed():
-    return random_seed()
 
 
 def _freqs(b, h, n, d, gen, kind="rotation", layout="HND", dtype=torch.float32):
