@@ -6,6 +6,7 @@ Launch sequence of one ``sparge_attn`` call (no host synchronisation anywhere):
 1. ``_colstats_kernel``  K column sums and V column |max| over ~512 sampled tokens, in chunks
 2. ``_qk_prep_kernel``   Q blocks: pool, self-similarity, INT8 per token (sm_scale*log2e folded in), and
                          K blocks: centred by the sampled token mean, pool, self-similarity, INT8 per block
+                         (no pool or self-similarity when no selection follows: ``_prep_qk(stats=False)``)
                          (and the V blocks of step 3 when there are few: ``FUSE_V_MAX``)
 3. ``_v_prep_kernel``    V / per-channel scale -> FP8 e4m3 (transposed) or fp16; records overflows
 4. ``_v_fix_kernel``     requantizes the heads whose V overflowed its sampled scale (others exit at once)
@@ -277,16 +278,23 @@ PREP_ROWS = {"q": 16, "k": 16, "k64": 64, "v": 32, "rope": 8}
 #: instead of a launch of their own (``PREP_WARPS["v"]`` warps, whole blocks) when there are at most this
 #: many. H100 (bench/NOTES.md #26): Flux (1728 V blocks) -2% per call; Wan and CogVideoX preparation +4-7%.
 FUSE_V_MAX = 4096
+#: Compute the pooled blocks and self-similarities in calls that do not select (every block kept, or
+#: ``block_sparse_attn``'s mask), which never read them. False (the default) saves their arithmetic in the
+#: preparation launch (bench/NOTES.md #50); True only for A/B measurements.
+DENSE_STATS = False
 #: Programs per (batch, KV head) of ``_v_fix_kernel``: they only read the head's overflow record unless
 #: V overflowed its sampled scale there; then each requantizes every V_FIX_PROGRAMS-th block.
 V_FIX_PROGRAMS = 16
 
 
-def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None, rope=None):
+def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Optional[bool] = None, rope=None,
+             stats: bool = True):
     """Launches 1-4. Returns a dict of the prepared buffers (V parts only when ``v`` is given).
     ``sm90``: V is stored in the token order of the Hopper kernel (``buf["v_order"]`` says which);
     None: as ``_use_sm90`` decides for a call without causal mask and without P.V skip.
-    ``rope``: ``_rope_arg``'s tuple, or None: Q and K are rotated as they are read."""
+    ``rope``: ``_rope_arg``'s tuple, or None: Q and K are rotated as they are read.
+    ``stats=False`` (no selection follows: every block kept, or a caller's block mask): the pooled blocks and
+    self-similarities are not computed and the dict has no ``pool_*`` / ``sim_*`` entries."""
     if sm90 is None:
         sm90 = v is not None and _use_sm90(q.device, g.dp, pv_dtype, False, False)
     dev = q.device
@@ -326,12 +334,16 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     buf = {}
     buf["q8"] = new_buffer((g.b * g.h, g.nq_pad, g.dp), torch.int8, dev)
     buf["qs"] = new_buffer((g.b * g.h, g.nq_pad), f32, dev)
-    buf["pool_q"] = new_buffer((g.b * g.h, g.nqb, g.dp), f32, dev)
-    buf["sim_q"] = new_buffer((g.b * g.h, g.nqb), f32, dev)
     buf["k8"] = new_buffer((g.b * g.hk, g.nk_pad, g.dp), torch.int8, dev)
     buf["ks"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
-    buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
-    buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
+    if stats:
+        buf["pool_q"] = new_buffer((g.b * g.h, g.nqb, g.dp), f32, dev)
+        buf["sim_q"] = new_buffer((g.b * g.h, g.nqb), f32, dev)
+        buf["pool_k"] = new_buffer((g.b * g.hk, g.nkb, g.dp), f32, dev)
+        buf["sim_k"] = new_buffer((g.b * g.hk, g.nkb), f32, dev)
+        st_q, st_k = (buf["pool_q"], buf["sim_q"]), (buf["pool_k"], buf["sim_k"])
+    else:  # without STATS the kernel never writes them: any float tensor stands in
+        st_q = st_k = (ksum, ksum)
     fp8 = pv_dtype == "fp8"
     # not with a single key token: on the H100 (Triton 3.6), 16-bit V with an odd head dim (masked columns)
     # and Nk == 1 (an argument Triton specializes) came out of the 32-row pieces with some padded token
@@ -347,15 +359,15 @@ def _prep_qk(q, k, v, g: _Geom, scale: float, pv_dtype: Optional[str], sm90: Opt
     # the V arguments; without HAS_V the kernel never reads them, so any tensors stand in
     vt = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"]) if fuse_v else (kh, *kh.stride(), vmax, vfix, ksum, ksum)
     _Fast.get(_qk_prep_kernel)[(q_programs + k_programs * (2 if fuse_v else 1),)](
-        qh, *qh.stride(), buf["q8"], buf["qs"], buf["pool_q"], buf["sim_q"], g.h, g.nq, g.nq_pad, g.nqb,
+        qh, *qh.stride(), buf["q8"], buf["qs"], *st_q, g.h, g.nq, g.nq_pad, g.nqb,
         scale * LOG2E,
-        kh, *kh.stride(), buf["k8"], buf["ks"], buf["pool_k"], buf["sim_k"], g.hk, g.nk, g.nk_pad, g.nkb,
+        kh, *kh.stride(), buf["k8"], buf["ks"], *st_k, g.hk, g.nk, g.nk_pad, g.nkb,
         ksum, g.d, nchunk, ns, q_programs, k_programs, *vt, V_SAMPLE_TARGET, V_FP8_MAX, *ft[:10],
         BQ=BLOCK_Q, BK=BLOCK_K, DP=g.dp, NCHUNK_P2=_p2(nchunk), EVEN_D=g.d == g.dp,
         SUB_Q=min(PREP_ROWS["q"], BLOCK_Q, *rows_rope),
         SUB_K=min(PREP_ROWS["k64" if g.dp <= 64 else "k"], BLOCK_K, *rows_rope),
         HAS_V=fuse_v, SUB_V=PREP_ROWS["v"], FP8=fp8, INTERPRET=_interpreting(), SM90_ORDER=bool(sm90 and fp8),
-        ROPE=ft[10], num_warps=PREP_WARPS["qk"], **g.chained(),
+        ROPE=ft[10], STATS=stats, num_warps=PREP_WARPS["qk"], **g.chained(),
     )
     if v is not None:
         vargs = (vh, *vh.stride(), vmax, vfix, buf["v8"], buf["vs"], g.hk, g.nk, g.d, g.nk_pad)
@@ -383,6 +395,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
     warps = 1 if nkb_p2 <= 1024 else (2 if nkb_p2 <= 4096 else 4)
     if block_mask is not None:
         mode_id, scores = 0, cnt
+        sims = (cnt, cnt)  # not read from a caller's mask (and not computed: ``_prep_qk(stats=False)``)
         tau, theta, frac = (0.0, None), (0.0, None), (0.0, None)
         mask_in, mstr = block_mask, block_mask.stride()
     else:
@@ -393,6 +406,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         theta = _threshold(sim_threshold, "sim_threshold", g, dev, -math.inf, math.inf)
         frac = _threshold(topk, "topk", g, dev, 0.0, 1.0)
         scores = new_buffer((rows, g.nqb, g.nkb), torch.float32, dev)
+        sims = (buf["sim_q"], buf["sim_k"])
         tm = 64 if g.dp <= 128 else 32
         _Fast.get(_scores_kernel)[(_cdiv(g.nqb, tm), _cdiv(g.nkb, tm), rows)](
             buf["pool_q"], buf["pool_k"], scores, g.h, g.h // g.hk, g.nqb, g.nkb, scale,
@@ -400,7 +414,7 @@ def _select(buf, g: _Geom, scale: float, causal: bool, mode: str, cdf_threshold,
         )
         mask_in, mstr = cnt, (0, 0, 0, 0)
     _Fast.get(_select_kernel)[(g.nqb, rows)](
-        scores, buf["sim_q"], buf["sim_k"], mask_in, *mstr,
+        scores, *sims, mask_in, *mstr,
         lut, cnt, cnt_full, mask_out,
         g.h, g.h // g.hk, g.nqb, g.nkb, g.nq, g.nk,
         tau[1] if tau[1] is not None else cnt, tau[0],
@@ -457,14 +471,17 @@ def _attention_config(dp: int, q_blocks: int) -> dict:
     return cfg
 
 
-def _sm90_config(dp: int, q_blocks: int, pv16: bool = False) -> dict:
+def _sm90_config(dp: int, q_blocks: int, pv16: bool = False, dense: bool = False) -> dict:
     """Launch parameters of the Hopper kernel (kernels/attention_sm90.py), measured on an H100
     (bench/NOTES.md #19, #27): one warpgroup per program, 3 K/V stages; at head dim 128, 128-row
     programs when there are many Q blocks (Wan, HunyuanVideo) or P.V is fp16, else 64 (Flux FP8,
     CogVideoX). ``sum_mma``: the row sums of P from the tensor cores, for FP8 P.V in 64-row programs
-    (NOTES #48: 1-5% faster there, slower with 128 rows or fp16 P.V)."""
+    (NOTES #48: 1-5% faster there, slower with 128 rows or fp16 P.V). ``dense`` (every block kept, no LUT):
+    4 stages in 64-row FP8 programs, which still fit 3 per SM (H200, NOTES #39, #50: attention -1% at Flux,
+    -2.5% at CogVideoX; with a LUT no faster at top-k 0.5 and 1% slower at 0.15, so sparse calls keep 3)."""
     big = dp == 128 and (q_blocks >= 2048 or pv16)
-    cfg = {"block_m": 128 if big else 64, "num_warps": 4, "num_stages": 3}
+    stages = 4 if dense and not big and not pv16 else 3
+    cfg = {"block_m": 128 if big else 64, "num_warps": 4, "num_stages": stages}
     cfg.update({k: v for k, v in ATTN_CONFIG_OVERRIDE.items() if k in cfg or k == "sum_mma"})
     cfg.setdefault("sum_mma", cfg["block_m"] == 64 and not pv16)
     return cfg
@@ -527,7 +544,7 @@ def _nvmma_layouts(bm: int, dp: int, pv16: bool):
 
 def _attend_sm90(buf, lut, cnt, cnt_full, out, oh, g: _Geom, dense: bool = False):
     pv16 = buf["v8"].dtype == torch.float16
-    cfg = _sm90_config(g.dp, g.b * g.h * g.nqb, pv16)
+    cfg = _sm90_config(g.dp, g.b * g.h * g.nqb, pv16, dense)
     bm = cfg["block_m"]
     lq, lk, lv = _nvmma_layouts(bm, g.dp, pv16)
     q2, k2 = buf["q8"].view(-1, g.dp), buf["k8"].view(-1, g.dp)
@@ -762,7 +779,7 @@ def _plan_key(q, k, v, out, layout, scale, causal, mode, thresholds, keep_ranges
         return None
     tensors = tuple(_tensor_key(t) for t in (q, k, v) + ((rope,) if rope is not None else ()))
     knobs = (os.environ.get("SPARGEATTN_KERNEL"), tuple(ATTN_CONFIG_OVERRIDE.items()), tuple(PREP_WARPS.items()),
-             tuple(PREP_ROWS.items()), PDL, FUSE_V_MAX)
+             tuple(PREP_ROWS.items()), PDL, FUSE_V_MAX, DENSE_STATS)
     return tensors, out, layout, scale, causal, mode, parts, keep_ranges, return_stats, pv_dtype, rope is not None, knobs
 
 
@@ -811,7 +828,8 @@ def _run(q, k, v, layout, scale, causal, mode, thresholds, keep_ranges, return_s
     pv = _resolve_pv(pv_dtype, q.device)
     f = _rope_arg(rope, g, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f)
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f,
+                       stats=DENSE_STATS or not _keeps_all(mode, topk, causal))
         lut, cnt, cnt_full = _blocks(buf, g, scale, causal, mode, cdf_threshold, sim_threshold, topk, keep_ranges)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:
@@ -888,7 +906,8 @@ def block_sparse_attn(
     pv = _resolve_pv(pv_dtype, q.device)
     f = _rope_arg(rope, g, q.device)
     with _launch_guard(q.device):
-        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f)
+        buf = _prep_qk(q, k, v, g, scale, pv, _use_sm90(q.device, g.dp, pv, causal, pv_threshold is not None), f,
+                       stats=DENSE_STATS)
         lut, cnt, cnt_full, _ = _select(buf, g, scale, causal, "cdf", 1.0, 0.0, 1.0, None, block_mask=bm)
         out, skip, sub = _attend(buf, lut, cnt, cnt_full, q, g, causal, pv_threshold, pv, out)
         if return_stats:

@@ -247,7 +247,7 @@ def _qk_block(
     F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
     BLK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr,
     CENTER: tl.constexpr, PER_TOKEN: tl.constexpr, EVEN_D: tl.constexpr, SUB: tl.constexpr, ROPE: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, STATS: tl.constexpr = True,
 ):
     """Pool, self-similarity and INT8 quantization of block ``blk`` of head ``bh`` of X (Q or K).
 
@@ -255,7 +255,8 @@ def _qk_block(
     ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
     and ``SIM[bh, blk]``. With ROPE the rows are rotated (:func:`_rope`) as they are loaded, so
     everything here sees rotated tokens. With CENTER the mean of the ``NS`` sampled tokens (from the ``KSUM`` chunk sums)
-    is subtracted first.
+    is subtracted first. Without STATS (calls that keep every block: nothing reads them) ``POOL`` and ``SIM``
+    are neither computed nor written: ~4 of the ~10 instructions per element of this issue-bound loop.
 
     The block is streamed in ``SUB``-row pieces (few registers per program, so many programs per SM
     overlap their loads with the arithmetic). A per-block scale (not PER_TOKEN) needs the block's
@@ -281,9 +282,10 @@ def _qk_block(
                            F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh, ROPE, SUB, DP)
         amax = _amax(x, 1, INTERPRET)
         amax_blk = tl.maximum(amax_blk, tl.max(amax, 0))
-        xsum += tl.sum(x, 0)
-        sumsq = tl.sum(x * x, 1)
-        sdir += tl.sum(x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None], 0)
+        if STATS:
+            xsum += tl.sum(x, 0)
+            sumsq = tl.sum(x * x, 1)
+            sdir += tl.sum(x * tl.rsqrt(tl.maximum(sumsq, 1e-30))[:, None], 0)
         if PER_TOKEN:
             scale, inv = _inv_scale(amax)
             _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv[:, None])
@@ -291,10 +293,11 @@ def _qk_block(
         elif SUB == BLK:  # one piece: its |max| is the block's, no second read
             _, inv = _inv_scale(amax_blk)
             _store_int8(X8, bh, N_PAD, DP, rows, cols, x * inv)
-    sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
-    sim = tl.where(amax_blk == INF, float("nan"), sim)
-    tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, xsum / n_valid)
-    tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
+    if STATS:
+        sim = tl.sum(sdir * sdir, 0) / (n_valid * n_valid)
+        sim = tl.where(amax_blk == INF, float("nan"), sim)
+        tl.store(POOL + (bh.to(tl.int64) * NB + blk) * DP + cols, xsum / n_valid)
+        tl.store(SIM + bh.to(tl.int64) * NB + blk, sim)
     if not PER_TOKEN:
         scale, inv = _inv_scale(amax_blk)
         if SUB < BLK:
@@ -316,7 +319,7 @@ def _qk_prep_kernel(
     BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr, NCHUNK_P2: tl.constexpr, EVEN_D: tl.constexpr,
     SUB_Q: tl.constexpr, SUB_K: tl.constexpr, HAS_V: tl.constexpr = False, SUB_V: tl.constexpr = 32,
     FP8: tl.constexpr = True, INTERPRET: tl.constexpr = False, SM90_ORDER: tl.constexpr = False,
-    ROPE: tl.constexpr = False, PDL: tl.constexpr = False,
+    ROPE: tl.constexpr = False, PDL: tl.constexpr = False, STATS: tl.constexpr = True,
 ):
     """One launch for the Q, K (and with HAS_V the V) blocks: programs ``0 .. Q_PROGRAMS-1`` take Q block
     ``pid % NQB`` of head ``pid // NQB`` (:func:`_qk_block`, one INT8 scale per token, ``q_mult`` folded
@@ -324,18 +327,18 @@ def _qk_prep_kernel(
     scale per block); the rest the V blocks (:func:`_v_prep_one`, in pieces of ``SUB_V`` rows).
     One launch instead of three: the later kinds fill the SMs while the last programs of the earlier run.
     With ROPE, Q and K are rotated by ``F`` (strides ``fsb``, ``fsh``, ``fsn`` per batch, head and token)
-    as they are read; V is not."""
+    as they are read; V is not. Without STATS no pool or self-similarity is computed (:func:`_qk_block`)."""
     pdl_start(PDL)
     pid = tl.program_id(0)
     if pid < Q_PROGRAMS:
         _qk_block(Q, qsb, qsh, qsn, qsd, KSUM, Q8, QS, POOL_Q, SIM_Q, pid % NQB, pid // NQB,
                   H, NQ, D, NQ_PAD, NQB, q_mult, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
-                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q, ROPE, INTERPRET)
+                  BQ, DP, NCHUNK_P2, False, True, EVEN_D, SUB_Q, ROPE, INTERPRET, STATS)
     elif pid < Q_PROGRAMS + K_PROGRAMS:
         pk = pid - Q_PROGRAMS
         _qk_block(K, ksb, ksh, ksn, ksd, KSUM, K8, KS, POOL_K, SIM_K, pk % NKB, pk // NKB,
                   HK, NK, D, NK_PAD, NKB, 1.0, NCHUNK, NS, F, fsb, fsh, fsn, T, BAD, tsb, tsh, bsb, bsh,
-                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K, ROPE, INTERPRET)
+                  BK, DP, NCHUNK_P2, True, False, EVEN_D, SUB_K, ROPE, INTERPRET, STATS)
     else:
         if HAS_V:
             pv = pid - Q_PROGRAMS - K_PROGRAMS

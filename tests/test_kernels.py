@@ -211,7 +211,8 @@ def test_sparse_matches_reference(pv, mode, causal):
 def test_keep_all_skips_selection(pv, kernel, n, thr, monkeypatch):
     """Top-k 1 without causal mask launches no selection (the kernels walk every K block without a LUT)
     and gives, to the bit, the output of the same call with an all-true block mask (the LUT path), with
-    density 1 and the same P.V skip count. On an sm_90 GPU "auto" runs the Hopper kernel."""
+    density 1 and the same P.V skip count. On an sm_90 GPU "auto" runs the Hopper kernel (in 64-row FP8
+    programs with 4 K/V stages for the call without LUT, 3 with it: ``api._sm90_config``)."""
     from sparge_pack.kernels import api as A
 
     seed = _seed()
@@ -324,6 +325,49 @@ def test_sm90_v_token_order():
             assert torch.equal(alone["vs"], fused["vs"])
     finally:
         A.FUSE_V_MAX = saved
+
+
+def test_prep_without_stats(monkeypatch):
+    """Calls that select nothing (top-k 1, a caller's block mask) prepare Q, K and V without the pooled blocks
+    and self-similarities: the same INT8/FP8 bytes and scales as the preparation with them, no ``pool_*`` or
+    ``sim_*`` buffers; a call with a selection still computes them."""
+    from sparge_pack.kernels import api as A
+
+    seed = _seed()
+    q, k, v = _local(1, 2, 300, 128, _gen(seed), dtype=torch.bfloat16)
+    q = q + 0.5 * torch.randn(128, generator=_gen(seed + 1)).to(q)  # a common offset, as real Q and K have
+    k = k - 0.7 * torch.randn(128, generator=_gen(seed + 2)).to(k)
+    g = A._check(q, k, v, "HND")
+    for pv in PV_PATHS:
+        full = A._prep_qk(q, k, v, g, g.d**-0.5, pv, sm90=False)
+        bare = A._prep_qk(q, k, v, g, g.d**-0.5, pv, sm90=False, stats=False)
+        assert {"pool_q", "sim_q", "pool_k", "sim_k"} <= set(full), pv
+        assert set(full) - set(bare) == {"pool_q", "sim_q", "pool_k", "sim_k"}, pv
+        for name in ("q8", "qs", "k8", "ks", "v8", "vs"):
+            a, b = full[name], bare[name]
+            if a.dtype.itemsize == 1:
+                a, b = a.view(torch.uint8), b.view(torch.uint8)
+            assert torch.equal(a, b), f"{name} pv={pv} seed={seed}"
+        assert bool(torch.isfinite(full["sim_k"]).all()) and bool(full["pool_q"].abs().sum() > 0), f"seed={seed}"
+
+    seen = []
+    prep = A._prep_qk
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("stats", True))
+        return prep(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_prep_qk", spy)
+    monkeypatch.setattr(A, "_PLANS", {})
+    mask = torch.ones(1, 1, g.nqb, g.nkb, dtype=torch.bool)
+    outs = {}
+    for name, call in (("topk 1", lambda o: sparge_attn(q, k, v, mode="topk", topk=1.0, out=o)),
+                       ("mask", lambda o: block_sparse_attn(q, k, v, mask, out=o)),
+                       ("topk 0.5", lambda o: sparge_attn(q, k, v, mode="topk", topk=0.5, out=o))):
+        outs[name] = call(_nan_like(q))
+        assert bool(torch.isfinite(outs[name]).all()), f"{name} seed={seed}"
+    assert seen == [False, False, True]
+    assert torch.equal(outs["topk 1"], outs["mask"]), f"seed={seed}"
 
 
 @pytest.mark.parametrize("pv", PV_PATHS)
@@ -628,7 +672,8 @@ def _is_sm90():
 @pytest.mark.parametrize("d,n", [(128, 8192 + 37), (64, 4608), (128, 300)])
 @pytest.mark.parametrize("cfg", [dict(block_m=64, num_warps=4, num_stages=3), dict(block_m=128, num_warps=8, num_stages=2),
                                  dict(block_m=128, num_warps=4, num_stages=3),
-                                 dict(block_m=64, num_warps=4, num_stages=3, sum_mma=False)])
+                                 dict(block_m=64, num_warps=4, num_stages=3, sum_mma=False),
+                                 dict(block_m=64, num_warps=4, num_stages=4)])
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
 def test_sm90_kernel(d, n, cfg, pv):
     """The Hopper kernel, forced, in several launch configs and both P.V types: matches the reference's
