@@ -4,7 +4,8 @@
     python bench/bench_kernels.py --shapes flux,wan --out bench/results/h100.md
 
 On a GPU every row is timed in this one process (median of CUDA-event timings after warm-up, L2
-flushed between repetitions) and the ratio is SDPA-cuDNN time / time. The rows of one shape are timed
+flushed between repetitions, the repetitions enqueued back to back as ``triton.testing.do_bench``, with
+which the anchors of ``../shared/docs/anchors.md`` were measured) and the ratio is SDPA-cuDNN time / time. The rows of one shape are timed
 in ``--rounds`` interleaved rounds (cuDNN, SageAttention, each of ours, then again), and each time is
 the median over the rounds: the GPU's clock drifts over seconds with its power draw, so the same
 launch timed twice a few seconds apart can differ by 5-10% at Flux size (bench/NOTES.md #42), and a
@@ -59,8 +60,14 @@ LABEL = {
 SETTINGS = [("full", 1.0), ("topk 0.5", 0.5), ("topk 0.15", 0.15)]
 
 
-def bench_ms(fn, budget_ms: float = 800.0, min_reps: int = 5, max_reps: int = 200) -> float:
-    """Median milliseconds of ``fn()`` timed with CUDA events, L2 flushed before each repetition."""
+def bench_ms(fn, budget_ms: float = 800.0, min_reps: int = 5, max_reps: int = 200, sync_each: bool = False) -> float:
+    """Median milliseconds of ``fn()`` timed with CUDA events, L2 flushed (256 MB zeroed) before each repetition.
+
+    As ``triton.testing.do_bench``, with which ``../shared/docs/anchors.md`` (the issue's reference figures)
+    was measured: the repetitions are enqueued back to back and synchronised once, so each one times the
+    GPU work between its two events while the host enqueues ahead, as it does inside a model. With
+    ``sync_each`` the host waits for every repetition before enqueuing the next flush and call: the GPU then
+    idles while the host enqueues the call, and a ~0.4 ms call carries the host's speed (NOTES #49, #50)."""
     flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
     fn()
     torch.cuda.synchronize()
@@ -71,15 +78,16 @@ def bench_ms(fn, budget_ms: float = 800.0, min_reps: int = 5, max_reps: int = 20
     torch.cuda.synchronize()
     est = max(s.elapsed_time(e), 1e-3)
     reps = int(min(max_reps, max(min_reps, budget_ms / est)))
-    times = []
-    for _ in range(reps):
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for s, e in events:
         flush.zero_()
         s.record()
         fn()
         e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def peak_mib(fn) -> float:
@@ -167,9 +175,20 @@ def host_us(fn, reps: int = 50) -> float:
     return t
 
 
+class Synced:
+    """An entry of :func:`interleaved` timed with ``bench_ms(..., sync_each=True)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self):
+        return self.fn()
+
+
 def interleaved(fns: dict, rounds: int, budget_ms: float = 800.0) -> dict:
     """Per name of ``fns``: its ``bench_ms`` times over ``rounds`` rounds, each round timing every function
-    once in order (so slow drifts of the GPU clock reach all of them alike)."""
+    once in order (so slow drifts of the GPU clock reach all of them alike). :class:`Synced` entries are
+    timed with the host waiting for each repetition."""
     # compile and record launch plans before the first round: ``bench_ms``'s own untimed first call would
     # do it too, but the GPU would idle for seconds of compilation between the functions of round 1
     for fn in fns.values():
@@ -178,7 +197,7 @@ def interleaved(fns: dict, rounds: int, budget_ms: float = 800.0) -> dict:
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(bench_ms(fn, budget_ms=budget_ms / rounds))
+            times[name].append(bench_ms(fn, budget_ms=budget_ms / rounds, sync_each=isinstance(fn, Synced)))
     return times
 
 
@@ -206,18 +225,20 @@ def graphed(fn):
 
 
 def overhead(q, k, v, kw: dict, f_sdpa, rounds: int):
-    """(kernel launches per call, host microseconds per call, eager ms times, CUDA-graph replay ms times,
-    cuDNN eager ms times, cuDNN replay ms times), the last four over interleaved rounds.
+    """(kernel launches per call, host microseconds per call, {timing: ms times over interleaved rounds}) with
+    the timings "eager", "graph" (CUDA-graph replay), "synced" (eager, the host waiting for each call) and
+    the same for cuDNN ("sdpa", "sdpa_graph", "sdpa_synced").
 
-    The graphs replay the same launches without Python, so eager ms minus replay ms is what the host
-    costs when the GPU waits for it; replay against replay compares the two on the GPU alone (a short
-    call's eager time moves with the host's speed, cuDNN's too: NOTES #49)."""
+    The graphs replay the same launches without Python: replay against replay compares the two on the GPU
+    alone. "synced" starts every call on an idle GPU, so the GPU also waits while the host enqueues the call:
+    a short call's synced time moves with the host's speed, cuDNN's too (NOTES #49, #50)."""
     f = lambda: sparge_attn(q, k, v, **kw)  # noqa: E731
     launches = sum(n for n, _ in gpu_kernels(f).values())
     host = host_us(f)
     graph, graph_sdpa = graphed(f), graphed(f_sdpa)
-    t = interleaved({"sdpa": f_sdpa, "sdpa_graph": graph_sdpa.replay, "eager": f, "graph": graph.replay}, rounds)
-    return launches, host, t["eager"], t["graph"], t["sdpa"], t["sdpa_graph"]
+    t = interleaved({"sdpa": f_sdpa, "sdpa_graph": graph_sdpa.replay, "sdpa_synced": Synced(f_sdpa),
+                     "eager": f, "graph": graph.replay, "synced": Synced(f)}, rounds)
+    return launches, host, t
 
 
 def run_gpu(names, pv_paths, with_sage: bool, lines: list, rounds: int = 3):
@@ -295,19 +316,22 @@ def run_gpu(names, pv_paths, with_sage: bool, lines: list, rounds: int = 3):
             for label, topk in SETTINGS[:2]:
                 kw = dict(mode="topk", topk=topk, sim_threshold=-1.0, pv_dtype=pv_paths[0])
                 with cudnn():
-                    launches, host_us, t_eager, t_graph, t_ref, t_ref_graph = overhead(q, k, v, kw, f_sdpa, rounds)
+                    launches, host_us, t = overhead(q, k, v, kw, f_sdpa, rounds)
+                med = {key: f"{statistics.median(x):.3f}" for key, x in t.items()}
                 overheads.append(f"| {LABEL[name]} | ours {label} | {launches:.0f} | {host_us:.0f} | "
-                                 f"{statistics.median(t_eager):.3f} | {statistics.median(t_graph):.3f} | "
-                                 f"{statistics.median(t_ref):.3f} | {statistics.median(t_ref_graph):.3f} | "
-                                 f"{ratio_cell(t_ref, t_eager)} | {ratio_cell(t_ref_graph, t_graph)} |")
+                                 f"{med['eager']} / {med['sdpa']} | {med['graph']} / {med['sdpa_graph']} | "
+                                 f"{med['synced']} / {med['sdpa_synced']} | {ratio_cell(t['sdpa'], t['eager'])} | "
+                                 f"{ratio_cell(t['sdpa_graph'], t['graph'])} | {ratio_cell(t['sdpa_synced'], t['synced'])} |")
                 print(overheads[-1], flush=True)
         del q, k, v
         torch.cuda.empty_cache()
     if overheads:
-        lines += ["", "Host overhead (eager call vs the same launches replayed from a CUDA graph; cuDNN eager and replayed "
-                  "from its own graph in the same interleaved rounds; replay × cuDNN = cuDNN replay / our replay):", "",
-                  "| shape | setting | GPU kernels / call | host µs / call | eager ms | graph replay ms | cuDNN ms | "
-                  "cuDNN replay ms | eager × cuDNN | replay × cuDNN |",
+        lines += ["", "Host overhead: each call timed three ways, ours / cuDNN's in the same interleaved rounds: eager "
+                  "(enqueued back to back, as the main table), replayed from a CUDA graph (each from its own), and "
+                  "synced (the host waits for every call, so the GPU idles while the next one is enqueued); "
+                  "× cuDNN = cuDNN time / ours, the same way:", "",
+                  "| shape | setting | GPU kernels / call | host µs / call | eager ms | graph replay ms | synced ms | "
+                  "eager × cuDNN | replay × cuDNN | synced × cuDNN |",
                   "|---|---|---|---|---|---|---|---|---|---|"] + overheads
     return lines
 
