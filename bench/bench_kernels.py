@@ -3,15 +3,15 @@
     python bench/bench_kernels.py                 # GPU: the comparison table; CPU: a small interpreter demo
     python bench/bench_kernels.py --shapes flux,wan --out bench/results/h100.md
 
-On a GPU every row is timed in this one process (median of CUDA-event timings after warm-up, L2
-flushed between repetitions, the repetitions enqueued back to back as ``triton.testing.do_bench``, with
-which the anchors of ``../shared/docs/anchors.md`` were measured) and the ratio is SDPA-cuDNN time / time. The rows of one shape are timed
-in ``--rounds`` interleaved rounds (cuDNN, SageAttention, each of ours, then again), and each time is
-the median over the rounds: the GPU's clock drifts over seconds with its power draw, so the same
-launch timed twice a few seconds apart can differ by 5-10% at Flux size (bench/NOTES.md #42), and a
-cuDNN time taken once, before all of ours, would carry that drift into every ratio. The ratio's
-range over the rounds (cuDNN and ours of the same round) is printed next to it. relL1 = sum|o - r| / sum|r|
-against fp32 dense attention on the first two heads. Inputs are bf16 (SageAttention gets fp16).
+On a GPU every row is timed in this one process (median of CUDA-event timings after warm-up, L2 flushed
+between repetitions, the repetitions enqueued back to back as ``triton.testing.do_bench``, with which
+the anchors of ``../shared/docs/anchors.md`` were measured) and the ratio is SDPA-cuDNN time / time. The
+rows of one shape are timed in ``--rounds`` interleaved rounds (cuDNN, SageAttention, each of ours, then
+again), and each time is the median over the rounds: the GPU's clock drifts over seconds with its power
+draw, so the same launch timed twice a few seconds apart can differ by 5-10% at Flux size
+(bench/NOTES.md #42), and a cuDNN time taken once, before all of ours, would carry that drift into every
+ratio. The ratio's range over the rounds (cuDNN and ours of the same round) is printed next to it.
+relL1 = sum|o - r| / sum|r| against fp32 dense attention on the first two heads. Inputs are bf16 (SageAttention gets fp16).
 "grid" inputs have local, diffusion-like attention (Q/K from each token's position on the model's
 latent grid, heads of different reach); "gauss" inputs are standard normal (nothing to prune).
 "prep / predict / attn": GPU kernel time of each phase (quantize + pool, pooled scores + selection,

@@ -255,8 +255,8 @@ def _qk_block(
     ``[bh, N_PAD]`` if PER_TOKEN else per block ``[bh, NB]``, multiplied by ``mult``), ``POOL[bh, blk, :DP]``
     and ``SIM[bh, blk]``. With ROPE the rows are rotated (:func:`_rope`) as they are loaded, so
     everything here sees rotated tokens. With CENTER the mean of the ``NS`` sampled tokens (from the ``KSUM`` chunk sums)
-    is subtracted first. Without STATS (calls that keep every block: nothing reads them) ``POOL`` and ``SIM``
-    are neither computed nor written: ~4 of the ~10 instructions per element of this issue-bound loop.
+    is subtracted first. Without STATS (calls that select nothing: nothing reads them) ``POOL`` and ``SIM`` are
+    neither computed nor written: ~4 of the ~10 instructions per element of this issue-bound loop.
 
     The block is streamed in ``SUB``-row pieces (few registers per program, so many programs per SM
     overlap their loads with the arithmetic). A per-block scale (not PER_TOKEN) needs the block's
